@@ -1,0 +1,117 @@
+"""The `llamesh` command: the composition root that wires roles together.
+
+Each subcommand builds its settings once (config file, secrets, `LLAMESH_*` overrides) and hands them
+down. It is the only module allowed to import every role; the roles never import each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from llamesh_api import config, loading
+
+
+def _add_config_args(parser: argparse.ArgumentParser, *, cookbook: bool) -> None:
+    parser.add_argument("--config", type=Path, help="node config (config.yaml); embedded defaults if omitted")
+    parser.add_argument("--secrets", type=Path, help="secrets.yaml whose sections replace config.yaml's")
+    if cookbook:
+        parser.add_argument("--cookbook", type=Path, required=True, help="models and profiles (cookbook.yaml)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamesh", description=__doc__.splitlines()[0] if __doc__ else None)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check config.yaml and cookbook.yaml, print every problem")
+    _add_config_args(validate, cookbook=True)
+
+    build = commands.add_parser("build-llama", help="build (or reuse) llama-server and print its path")
+    _add_config_args(build, cookbook=False)
+    build.add_argument("--force", action="store_true", help="rebuild even when a finished build exists")
+
+    for name, text in (
+        ("serve", "run gateway, agent and operator in one process on YAML files (bare metal)"),
+        ("operator", "run the Kubernetes operator"),
+        ("agent", "run the node agent"),
+        ("gateway", "run the OpenAI gateway"),
+        ("crds", "print the CustomResourceDefinitions"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        _add_config_args(sub, cookbook=name == "serve")
+    return parser
+
+
+def _config_dir(args: argparse.Namespace) -> Path:
+    return args.config.parent.resolve() if args.config is not None else Path.cwd()
+
+
+def _load_config(args: argparse.Namespace) -> config.NodeConfig:
+    return loading.load_node_config(args.config, secrets_path=args.secrets)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    problems: list[loading.Problem] = []
+    node_config: config.NodeConfig | None = None
+    try:
+        node_config = _load_config(args)
+    except loading.ConfigError as exc:
+        problems += exc.problems
+    try:
+        book = loading.load_cookbook(args.cookbook)
+    except loading.ConfigError as exc:
+        problems += exc.problems
+    else:
+        if node_config is not None:
+            problems += loading.cross_check(
+                node_config,
+                book,
+                config_source=str(args.config or "<defaults>"),
+                cookbook_source=str(args.cookbook),
+            )
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"ok: {args.config or '<defaults>'} and {args.cookbook} are valid")
+    return 0
+
+
+def _build_llama(args: argparse.Namespace) -> int:
+    from llamesh_agent import build
+
+    node_config = _load_config(args)
+    manager = build.BuildManager(node_config.llama_cpp, base_dir=_config_dir(args))
+    try:
+        result = asyncio.run(manager.build(force=args.force) if args.force else manager.ensure_binary())
+    except build.BuildError as exc:
+        print(f"error: llama.cpp build failed: {exc}", file=sys.stderr)
+        return 1
+    state = "reused" if result.reused else "built"
+    print(f"llama-server {state}: {result.binary_path} (llama.cpp {result.llama_cpp_version})")
+    return 0
+
+
+def _not_yet(args: argparse.Namespace) -> int:
+    print(f"error: `llamesh {args.command}` is not available in this version yet", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"validate": _validate, "build-llama": _build_llama}
+    handler = handlers.get(args.command, _not_yet)
+    try:
+        return handler(args)
+    except loading.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
