@@ -63,7 +63,7 @@ class Condition(_Wire):
     last_transition_time: datetime.datetime | None = None
 
 
-class _Resource(_Wire):
+class Resource(_Wire):
     kind_name: ClassVar[str]
     plural: ClassVar[str]
     short_name: ClassVar[str]
@@ -99,7 +99,7 @@ class ModelStatus(_Wire):
     conditions: list[Condition] = Field(default_factory=list)
 
 
-class LlamaModel(_Resource):
+class LlamaModel(Resource):
     kind_name = "LlamaModel"
     plural = "llamamodels"
     short_name = "lm"
@@ -183,7 +183,7 @@ class InstanceStatus(_Wire):
         return max(times, default=None)
 
 
-class LlamaInstance(_Resource):
+class LlamaInstance(Resource):
     kind_name = "LlamaInstance"
     plural = "llamainstances"
     short_name = "li"
@@ -203,7 +203,17 @@ class NodeSpec(_Wire):
     max_vram_mb: int = 0
     max_sysmem_mb: int = 0
     max_instances: int = 100
-    address: str = "127.0.0.1"
+    address: str = Field("127.0.0.1", description="Where the gateway reaches this node's instances.")
+    rebuild_requests: int = Field(0, description="Bumped to ask the agent for a llama.cpp rebuild.")
+
+
+class Learned(_Wire):
+    """What a node learned about one args hash; kept across evictions and restarts."""
+
+    parsed_model_params: dict[str, Any] | None = None
+    llama_cpp_version: str | None = None
+    peak_sysmem_mb: int | None = None
+    peak_vram_mb: int | None = None
 
 
 class NodeStatus(_Wire):
@@ -220,11 +230,13 @@ class NodeStatus(_Wire):
     llamesh_vram_mb: int = 0
     llamesh_sysmem_mb: int = 0
     active_instances: int = 0
+    rebuilds_handled: int = 0
+    learned: dict[str, Learned] = Field(default_factory=dict, description="Keyed by args hash.")
     heartbeat_at: datetime.datetime | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
 
-class LlamaNode(_Resource):
+class LlamaNode(Resource):
     kind_name = "LlamaNode"
     plural = "llamanodes"
     short_name = "ln"
@@ -233,4 +245,4 @@ class LlamaNode(_Resource):
     status: NodeStatus = Field(default_factory=NodeStatus)
 
 
-RESOURCE_KINDS: tuple[type[_Resource], ...] = (LlamaModel, LlamaInstance, LlamaNode)
+RESOURCE_KINDS: tuple[type[Resource], ...] = (LlamaModel, LlamaInstance, LlamaNode)
