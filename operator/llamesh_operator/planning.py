@@ -1,0 +1,315 @@
+"""The operator's decisions, as one pure function: `plan(world, now) -> actions`.
+
+Given the desired state (models and their profiles), the observed state (instances, nodes) and the time,
+it answers what should change: bind pending instances to a node that fits, delete instances beyond a
+profile's `max_instances`, drain instances that are idle past their timeout or whose profile changed or
+went away, create instances to keep `min_instances`, delete finished instances, and what each model's
+status should say. It reads no clock, store or file; a driver applies the actions. Being level-triggered,
+running it twice on the same world gives the same actions, and missing events never matters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Iterable, Sequence
+
+from llamesh_api import config, cookbook, resources
+
+FAILED_RETENTION = datetime.timedelta(seconds=30)  # long enough for gateways to see why a spawn failed
+LIVE_PHASES = frozenset(
+    {
+        resources.Phase.PENDING,
+        resources.Phase.SCHEDULED,
+        resources.Phase.DOWNLOADING,
+        resources.Phase.STARTING,
+        resources.Phase.READY,
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bind:
+    instance: str
+    node: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Unschedulable:
+    instance: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Drain:
+    instance: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Delete:
+    instance: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Create:
+    model: str
+    profile: str
+    args_hash: str
+    reason: resources.Reason
+
+
+@dataclasses.dataclass(frozen=True)
+class SetModelStatus:
+    model: str
+    status: resources.ModelStatus
+
+
+Action = Bind | Unschedulable | Drain | Delete | Create | SetModelStatus
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    models: Sequence[resources.LlamaModel]
+    instances: Sequence[resources.LlamaInstance]
+    nodes: Sequence[resources.LlamaNode]
+    defaults: config.ModelDefaults
+
+
+def plan(world: World, *, now: datetime.datetime) -> list[Action]:
+    profiles = _available_profiles(world.models)
+    actions: list[Action] = []
+    actions += _retire(world, profiles, now=now)
+    retired = {action.instance for action in actions if isinstance(action, Drain | Delete)}
+    actions += _place(world, profiles, retired=retired)
+    actions += _evict_idle(world, profiles, retired=retired, now=now)
+    actions += _keep_minimum(world, profiles, retired=retired)
+    actions += _model_statuses(world, profiles)
+    return actions
+
+
+def _available_profiles(models: Iterable[resources.LlamaModel]) -> dict[str, cookbook.Profile]:
+    """`model:profile` → profile, for enabled profiles of enabled models (lower-case keys)."""
+    found: dict[str, cookbook.Profile] = {}
+    for model in models:
+        if not model.spec.enabled:
+            continue
+        for profile in model.spec.profiles:
+            if profile.enabled:
+                found[_key(model.name, profile.id)] = profile
+    return found
+
+
+def _key(model: str, profile: str) -> str:
+    return f"{model}:{profile}".lower()
+
+
+def _instance_key(instance: resources.LlamaInstance) -> str:
+    return _key(instance.spec.model, instance.spec.profile)
+
+
+def _is_live(instance: resources.LlamaInstance) -> bool:
+    return instance.status.phase in LIVE_PHASES and not instance.spec.drain
+
+
+def _retire(world: World, profiles: dict[str, cookbook.Profile], *, now: datetime.datetime) -> list[Action]:
+    """Finished instances go; instances of a removed, disabled or changed profile drain (or go, if unstarted)."""
+    actions: list[Action] = []
+    for instance in world.instances:
+        phase = instance.status.phase
+        if phase is resources.Phase.STOPPED:
+            actions.append(Delete(instance.name, "stopped"))
+            continue
+        if phase is resources.Phase.FAILED:
+            since = instance.status.stopped_at or instance.metadata.creation_timestamp
+            if since is None or now - since >= FAILED_RETENTION:
+                actions.append(Delete(instance.name, "failed"))
+            continue
+        profile = profiles.get(_instance_key(instance))
+        if profile is None:
+            reason = "profile_removed"
+        elif profile.args_hash() != instance.spec.args_hash:
+            reason = "profile_changed"
+        else:
+            continue
+        if phase in (resources.Phase.PENDING, resources.Phase.SCHEDULED):
+            actions.append(Delete(instance.name, reason))
+        elif not instance.spec.drain:
+            actions.append(Drain(instance.name, reason))
+    return actions
+
+
+def _place(world: World, profiles: dict[str, cookbook.Profile], *, retired: set[str]) -> list[Action]:
+    """Bind pending instances, oldest first, to the ready node with the most room; refuse extras."""
+    actions: list[Action] = []
+    node_load = {node.name: _node_usage(node, world.instances) for node in world.nodes}
+    live_per_profile: dict[str, int] = {}
+    for instance in world.instances:
+        if _is_live(instance) and instance.status.phase is not resources.Phase.PENDING:
+            live_per_profile[_instance_key(instance)] = live_per_profile.get(_instance_key(instance), 0) + 1
+    pending = sorted(
+        (
+            instance
+            for instance in world.instances
+            if instance.status.phase is resources.Phase.PENDING
+            and not instance.spec.node_name
+            and not instance.spec.drain
+            and instance.name not in retired
+        ),
+        key=lambda instance: (_seconds(instance.metadata.creation_timestamp), instance.name),
+    )
+    for instance in pending:
+        key = _instance_key(instance)
+        profile = profiles[key]
+        limit = profile.max_instances_or(world.defaults)
+        if live_per_profile.get(key, 0) >= limit:
+            actions.append(Delete(instance.name, f"max_instances ({limit}) reached"))
+            continue
+        need_vram, need_sysmem = _estimate(instance, profile, world.nodes)
+        chosen, why_not = _choose_node(world.nodes, node_load, need_vram=need_vram, need_sysmem=need_sysmem)
+        if chosen is None:
+            if instance.status.message != why_not:
+                actions.append(Unschedulable(instance.name, why_not))
+            continue
+        load = node_load[chosen]
+        node_load[chosen] = _Usage(load.instances + 1, load.vram_mb + need_vram, load.sysmem_mb + need_sysmem)
+        live_per_profile[key] = live_per_profile.get(key, 0) + 1
+        actions.append(Bind(instance.name, chosen))
+    return actions
+
+
+@dataclasses.dataclass(frozen=True)
+class _Usage:
+    instances: int
+    vram_mb: int
+    sysmem_mb: int
+
+
+def _node_usage(node: resources.LlamaNode, instances: Iterable[resources.LlamaInstance]) -> _Usage:
+    """What is committed on a node: live instances bound to it, at their peak or estimated memory."""
+    count = vram = sysmem = 0
+    for instance in instances:
+        if instance.spec.node_name != node.name or instance.status.phase.is_terminal:
+            continue
+        count += 1
+        learned = node.status.learned.get(instance.spec.args_hash)
+        vram += instance.status.peak_vram_mb or (learned.peak_vram_mb if learned else 0) or 0
+        sysmem += instance.status.peak_sysmem_mb or (learned.peak_sysmem_mb if learned else 0) or 0
+    external_vram = max(node.status.device_vram_used_mb - node.status.llamesh_vram_mb, 0)
+    return _Usage(count, vram + external_vram, sysmem)
+
+
+def _estimate(
+    instance: resources.LlamaInstance, profile: cookbook.Profile, nodes: Iterable[resources.LlamaNode]
+) -> tuple[int, int]:
+    """Memory a new instance will take: learned peaks for its args hash, else the cookbook's estimates."""
+    for node in nodes:
+        learned = node.status.learned.get(instance.spec.args_hash)
+        if learned and (learned.peak_sysmem_mb or learned.peak_vram_mb):
+            return learned.peak_vram_mb or 0, learned.peak_sysmem_mb or 0
+    return profile.estimated_vram_mb or 0, profile.estimated_sysmem_mb or 0
+
+
+def _choose_node(
+    nodes: Sequence[resources.LlamaNode], load: dict[str, _Usage], *, need_vram: int, need_sysmem: int
+) -> tuple[str | None, str]:
+    candidates: list[tuple[int, str]] = []
+    reasons: list[str] = []
+    for node in nodes:
+        usage = load[node.name]
+        if not node.status.ready or node.status.draining:
+            reasons.append(f"{node.name}: not ready")
+        elif usage.instances >= node.spec.max_instances:
+            reasons.append(f"{node.name}: max_instances_per_node ({node.spec.max_instances}) reached")
+        elif need_vram and usage.vram_mb + need_vram > node.spec.max_vram_mb:
+            reasons.append(f"{node.name}: needs {need_vram} MB VRAM, {node.spec.max_vram_mb - usage.vram_mb} free")
+        elif node.spec.max_sysmem_mb and usage.sysmem_mb + need_sysmem > node.spec.max_sysmem_mb:
+            free = node.spec.max_sysmem_mb - usage.sysmem_mb
+            reasons.append(f"{node.name}: needs {need_sysmem} MB system memory, {free} free")
+        else:
+            candidates.append((usage.instances, node.name))
+    if candidates:
+        return min(candidates)[1], ""
+    return None, "Unschedulable: " + ("; ".join(reasons) if reasons else "no nodes")
+
+
+def _evict_idle(
+    world: World, profiles: dict[str, cookbook.Profile], *, retired: set[str], now: datetime.datetime
+) -> list[Action]:
+    """Drain READY instances with nothing in flight past their profile's idle timeout (above min_instances)."""
+    actions: list[Action] = []
+    ready_per_profile: dict[str, int] = {}
+    for instance in world.instances:
+        if _is_live(instance) and instance.name not in retired:
+            ready_per_profile[_instance_key(instance)] = ready_per_profile.get(_instance_key(instance), 0) + 1
+    idle_first = sorted(world.instances, key=lambda i: _seconds(i.status.last_request_at or i.status.ready_at))
+    for instance in idle_first:
+        if instance.name in retired or not _is_live(instance) or instance.status.phase is not resources.Phase.READY:
+            continue
+        key = _instance_key(instance)
+        profile = profiles.get(key)
+        if profile is None or instance.status.in_flight > 0:
+            continue
+        last_active = instance.status.last_request_at or instance.status.ready_at
+        if last_active is None or now - last_active < datetime.timedelta(seconds=profile.idle_timeout_seconds):
+            continue
+        if ready_per_profile.get(key, 0) <= profile.min_instances:
+            continue
+        ready_per_profile[key] -= 1
+        actions.append(Drain(instance.name, "idle"))
+    return actions
+
+
+def _keep_minimum(world: World, profiles: dict[str, cookbook.Profile], *, retired: set[str]) -> list[Action]:
+    live: dict[str, int] = {}
+    for instance in world.instances:
+        if _is_live(instance) and instance.name not in retired:
+            live[_instance_key(instance)] = live.get(_instance_key(instance), 0) + 1
+    actions: list[Action] = []
+    for model in world.models:
+        for profile in model.spec.profiles:
+            key = _key(model.name, profile.id)
+            if key not in profiles or not profile.min_instances:
+                continue
+            wanted = min(profile.min_instances, profile.max_instances_or(world.defaults))
+            for _ in range(wanted - live.get(key, 0)):
+                actions.append(Create(model.name, profile.id, profile.args_hash(), resources.Reason.MIN_INSTANCES))
+    return actions
+
+
+def _model_statuses(world: World, profiles: dict[str, cookbook.Profile]) -> list[Action]:
+    actions: list[Action] = []
+    for model in world.models:
+        status = resources.ModelStatus(observed_generation=model.metadata.generation)
+        for profile in model.spec.profiles:
+            key = _key(model.name, profile.id)
+            if key not in profiles:
+                continue
+            mine = [i for i in world.instances if _instance_key(i) == key and not i.status.phase.is_terminal]
+            ready = [i for i in mine if i.status.phase is resources.Phase.READY and not i.spec.drain]
+            params = next((i.status.parsed_model_params for i in ready if i.status.parsed_model_params), None)
+            status.profiles[profile.id] = resources.ProfileStatus(
+                args_hash=profile.args_hash(),
+                ready_instances=len(ready),
+                instances=len(mine),
+                parsed_model_params=params,
+            )
+            status.ready_instances += len(ready)
+            status.instances += len(mine)
+        status.conditions = [
+            resources.Condition(
+                type="Ready",
+                status="True" if status.ready_instances else "False",
+                reason="InstancesReady" if status.ready_instances else "NoReadyInstances",
+                message=f"{status.ready_instances} of {status.instances} instances ready",
+            )
+        ]
+        if status != model.status:
+            actions.append(SetModelStatus(model.name, status))
+    return actions
+
+
+def _seconds(moment: datetime.datetime | None) -> float:
+    """A sort key for optional timestamps: missing ones sort first."""
+    return moment.timestamp() if moment is not None else 0.0
