@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import re
 from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -243,6 +244,12 @@ class LlamaNode(Resource):
 
     spec: NodeSpec = Field(default_factory=NodeSpec)
     status: NodeStatus = Field(default_factory=NodeStatus)
+
+
+def instance_name(model: str, profile: str, suffix: str) -> str:
+    """A DNS-1123 name for an instance of `model:profile`, unique through `suffix`."""
+    base = re.sub(r"[^a-z0-9-]+", "-", f"{model}-{profile}".lower()).strip("-")
+    return f"{base[: 62 - len(suffix)].rstrip('-')}-{suffix}"
 
 
 RESOURCE_KINDS: tuple[type[Resource], ...] = (LlamaModel, LlamaInstance, LlamaNode)

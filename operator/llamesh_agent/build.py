@@ -1,0 +1,604 @@
+"""Build llama-server from llama.cpp sources and point `binary_path` at a build that passed a smoke test.
+
+Every node serves with its own llama.cpp build (the seed's "Build & Upgrade Manager"). This module gets the
+sources (a git clone, the tree vendored in a PyPI sdist, or a local folder), builds them with CMake in one
+folder per source revision and flags under `cache_dir`, runs `llama-server --version` and `--help`, and only
+then swaps the `binary_path` symlink atomically. A finished build folder carries a marker file and is never
+rebuilt unless forced, so a restart with the same revision and flags costs seconds; complete folders beyond
+`keep_builds` are removed, never the one the live symlink resolves to.
+
+Layout under `cache_dir`:
+
+    downloads/                          sdists fetched by `pip download`
+    sources/git-<sha8 of repo_url>/     the git clone (source: git)
+    sources/pypi-<name>-<version>/      the extracted sdist (source: pypi)
+    builds/<revision>-<sha8 of flags>/  one CMake build folder each; bin/llama-server inside
+    ccache/                             the compiler cache shared by all build folders
+    build.lock                          held while a build runs, so two processes never build at once
+
+It deliberately does not schedule update checks, retry failed builds, or drain running instances after a
+swap: the caller does, using `BuildResult.swapped` and `BuildManager.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tarfile
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Protocol, TypedDict
+
+from llamesh_api import config
+
+MARKER_NAME = ".llamesh-build.json"
+CONFIGURE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_CURL=OFF",
+)
+SMOKE_TIMEOUT_S = 30.0
+_TAIL_LINES = 50
+_LOCK_POLL_S = 0.5
+_TERMINATE_GRACE_S = 10.0
+
+_MAKE_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+_ERROR_LINE = re.compile(r"\berror\b|^fatal:", re.IGNORECASE)
+# llama.cpp prints one of these on stderr, depending on its age (see its common/build-info.cpp.in):
+#   version: 0.5.0-dev (build 1, commit 0c1e570)          or, before that,    version: 7099 (d23355afc)
+_VERSION_BUILD_COMMIT = re.compile(r"version:\s*\S+\s*\(build\s+(\d+),\s*commit\s+(\w+)\)")
+_VERSION_NUMBER_COMMIT = re.compile(r"version:\s*(\d+)\s*\((\w+)\)")
+_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:==\s*([A-Za-z0-9._+!-]+))?\s*$")
+
+
+class BuildError(Exception):
+    """A llama.cpp build could not produce a working binary; the previous one stays live."""
+
+
+class BuildInProgress(BuildError):
+    """Another build is running in this process."""
+
+
+class SmokeTestFailed(BuildError):
+    """The binary does not answer `--version` and `--help` the way llama-server does."""
+
+
+class Progress(Protocol):
+    def __call__(self, message: str, /) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    binary_path: Path  # what to run: the binary inside build_dir, or binary_path as is when building is off
+    build_dir: Path
+    llama_cpp_version: str  # "<build number>-<commit>", e.g. "7099-d23355afc"
+    reused: bool  # no compiler ran: a complete build folder (or the configured binary) was used
+    swapped: bool = False  # the binary_path symlink now points somewhere new: drain running instances
+
+
+class BuildStatusDict(TypedDict):
+    is_building: bool
+    last_build_error: str | None
+    last_build_at: str | None  # ISO 8601, UTC
+    llama_cpp_version: str | None
+
+
+@dataclasses.dataclass
+class BuildStatus:
+    is_building: bool = False
+    last_build_error: str | None = None
+    last_build_at: datetime.datetime | None = None  # when the last build attempt ended, either way
+    llama_cpp_version: str | None = None  # of the binary binary_path points at
+
+    def to_dict(self) -> BuildStatusDict:
+        return {
+            "is_building": self.is_building,
+            "last_build_error": self.last_build_error,
+            "last_build_at": self.last_build_at.isoformat() if self.last_build_at else None,
+            "llama_cpp_version": self.llama_cpp_version,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    revision: str  # a short commit, "pypi-<name>-<version>" or "local-<sha8 of the path>"
+    path: Path  # the folder holding llama.cpp's top CMakeLists.txt
+
+
+def parse_version_output(text: str) -> str:
+    """`<build number>-<commit>` from `llama-server --version` output, or "unknown"."""
+    match = _VERSION_BUILD_COMMIT.search(text) or _VERSION_NUMBER_COMMIT.search(text)
+    return f"{match[1]}-{match[2]}" if match else "unknown"
+
+
+def build_dir_name(revision: str, args: Sequence[str]) -> str:
+    """The build folder's name for a source revision built with these CMake and build-tool args."""
+    return f"{revision}-{_sha8(json.dumps(list(args)))}"
+
+
+def split_build_command_args(args: Sequence[str], *, default_jobs: int) -> tuple[list[str], list[str]]:
+    """`build_command_args` as (parallelism flags for `cmake --build`, args for the native build tool).
+
+    `-jN`, `-j N` and `--parallel N` become CMake's own `--parallel N`, which works with every generator;
+    the rest goes after `--`. Without one, all usable CPUs are used.
+    """
+    parallel = ["--parallel", str(default_jobs)]
+    passthrough: list[str] = []
+    index = 0
+    while index < len(args):
+        arg, following = args[index], (args[index + 1] if index + 1 < len(args) else "")
+        if arg in ("-j", "--parallel"):
+            parallel = ["--parallel", following] if following.isdigit() else ["--parallel"]
+            index += 1 if following.isdigit() else 0
+        elif match := re.fullmatch(r"(?:-j|--parallel=)(\d+)", arg):
+            parallel = ["--parallel", match[1]]
+        else:
+            passthrough.append(arg)
+        index += 1
+    return parallel, passthrough
+
+
+class BuildManager:
+    """Builds, verifies and publishes llama-server for one node; one per process."""
+
+    def __init__(self, settings: config.LlamaCppConfig, *, base_dir: Path, progress: Progress | None = None) -> None:
+        self._settings = settings
+        self._base_dir = base_dir
+        self._progress: Progress = progress or _print_progress
+        self._cache_dir = config.resolve_path(settings.cache_dir, base_dir=base_dir).absolute()
+        self._binary_path = config.resolve_path(settings.binary_path, base_dir=base_dir).absolute()
+        self._status = BuildStatus()
+        self._lock = asyncio.Lock()
+
+    @property
+    def status(self) -> BuildStatus:
+        return dataclasses.replace(self._status)
+
+    @property
+    def binary_path(self) -> Path:
+        """Where the symlink to the live binary is (the config's binary_path, resolved)."""
+        return self._binary_path
+
+    async def build(self, *, force: bool = False) -> BuildResult:
+        """Build the configured revision unless a complete build exists (or `force`), then publish it.
+
+        Raises `BuildInProgress` at once when a build is already running in this process.
+        """
+        if self._lock.locked():
+            raise BuildInProgress("a llama.cpp build is already running; try again when it has finished")
+        async with self._lock:
+            return await self._attempt(force=force)
+
+    async def ensure_binary(self) -> BuildResult:
+        """A verified binary to serve with, building only if no complete build matches the config.
+
+        With `enabled: false`, binary_path is used as it is, after a smoke test. If a build fails but
+        binary_path already points at a complete build that still passes its smoke test, that one is
+        returned and the failure stays visible in `status`. Waits for a build already running.
+        """
+        if not self._settings.enabled:
+            return await self._use_configured_binary()
+        async with self._lock:
+            try:
+                return await self._attempt(force=False)
+            except BuildError:
+                live = await self._live_build()
+                if live is None:
+                    raise
+                self._say(f"keeping the live binary {live.binary_path} after the failed build")
+                return live
+
+    async def _attempt(self, *, force: bool) -> BuildResult:
+        self._status.is_building = True
+        try:
+            async with _exclusive(self._cache_dir / "build.lock", say=self._say):
+                result = await self._build_locked(force=force)
+        except BuildError as exc:
+            self._finish(error=str(exc))
+            raise
+        except OSError as exc:
+            message = f"llama.cpp build failed under {self._cache_dir}: {exc}"
+            self._finish(error=message)
+            raise BuildError(message) from exc
+        finally:
+            self._status.is_building = False
+        self._finish(error=None)
+        self._status.llama_cpp_version = result.llama_cpp_version
+        return result
+
+    def _finish(self, *, error: str | None) -> None:
+        self._status.last_build_error = error
+        self._status.last_build_at = datetime.datetime.now(datetime.UTC)
+
+    async def _build_locked(self, *, force: bool) -> BuildResult:
+        source = await self._prepare_source()
+        configure_args = [*CONFIGURE_FLAGS, *self._settings.build_args]
+        jobs, tool_args = split_build_command_args(self._settings.build_command_args, default_jobs=_cpus())
+        flags = [*configure_args, "--", *tool_args]  # parallelism does not change the binary
+        build_dir = self._cache_dir / "builds" / build_dir_name(source.revision, flags)
+        binary, marker = build_dir / "bin" / "llama-server", build_dir / MARKER_NAME
+
+        version = None
+        if marker.is_file() and binary.is_file() and not force:
+            try:
+                version = await self._smoke_test(binary)
+                self._say(f"reusing the complete build {build_dir}")
+            except SmokeTestFailed as exc:
+                self._say(f"the cached build fails its smoke test now, so it is rebuilt: {exc}")
+        reused = version is not None
+        if version is None:
+            marker.unlink(missing_ok=True)
+            self._say(f"configuring in {build_dir}")
+            await self._run(["cmake", "-S", str(source.path), "-B", str(build_dir), *configure_args], what="cmake")
+            self._say(f"building llama-server from {source.path} ({source.revision})")
+            build_argv = ["cmake", "--build", str(build_dir), "--target", "llama-server", "--config", "Release"]
+            tail_args = ["--", *tool_args] if tool_args else []
+            await self._run([*build_argv, *jobs, *tail_args], what="cmake --build", show_percent=True)
+            if not binary.is_file():
+                raise BuildError(f"the build succeeded but made no {binary}; is {source.path} llama.cpp?")
+            version = await self._smoke_test(binary)
+            _write_marker(marker, revision=source.revision, version=version, flags=flags)
+        self._say(f"smoke test ok: version {version}")
+
+        swapped = _point_symlink(self._binary_path, binary)
+        self._say(f"binary_path -> {binary}" if swapped else f"binary_path already points at {binary}")
+        keep = self._settings.keep_builds
+        try:
+            for removed in await asyncio.to_thread(_prune, build_dir.parent, keep=keep, live=self._binary_path):
+                self._say(f"removed old build {removed}")
+        except OSError as exc:  # the new binary is live already; a stale folder must not fail the build
+            self._say(f"could not remove old builds in {build_dir.parent}: {exc}")
+        return BuildResult(
+            binary_path=binary, build_dir=build_dir, llama_cpp_version=version, reused=reused, swapped=swapped
+        )
+
+    async def _prepare_source(self) -> _Source:
+        sources_dir = self._cache_dir / "sources"
+        sources_dir.mkdir(parents=True, exist_ok=True)
+        match self._settings.source:
+            case config.BuildSource.GIT:
+                return await self._git_source(sources_dir)
+            case config.BuildSource.PYPI:
+                return await self._pypi_source(sources_dir)
+            case config.BuildSource.LOCAL:
+                return await self._local_source()
+
+    async def _git_source(self, sources_dir: Path) -> _Source:
+        url, branch = self._settings.repo_url, self._settings.branch
+        clone = sources_dir / f"git-{_sha8(url)}"
+        if (clone / ".git").is_dir():
+            self._say(f"fetching {url}")
+            await self._run(["git", "-C", str(clone), "fetch", "-q", "--tags", "-f", "--prune"], what="git fetch")
+        else:
+            # Clone beside the final name and rename, so a half clone never counts as one.
+            partial = sources_dir / f".{clone.name}.partial"
+            for leftover in (partial, clone):
+                await asyncio.to_thread(shutil.rmtree, leftover, ignore_errors=True)
+            self._say(f"cloning {url}")
+            await self._run(["git", "clone", "-q", "--filter=blob:none", url, str(partial)], what="git clone")
+            os.replace(partial, clone)
+        for ref in (f"refs/remotes/origin/{branch}", f"refs/tags/{branch}", branch):
+            rc, commit, _ = await self._capture(
+                ["git", "-C", str(clone), "rev-parse", "-q", "--verify", f"{ref}^{{commit}}"]
+            )
+            if rc == 0:
+                break
+        else:
+            raise BuildError(f"llama_cpp.branch {branch!r} is no branch, tag or commit of {url}; fix it")
+        checkout = ["git", "-C", str(clone), "checkout", "-q", "--force", "--detach", commit.strip()]
+        await self._run(checkout, what="git checkout")
+        revision = await self._git_revision(clone)
+        assert revision is not None, f"{clone} was just checked out"
+        return _Source(revision=revision, path=clone)
+
+    async def _pypi_source(self, sources_dir: Path) -> _Source:
+        requirement, subdir = self._settings.pypi_package, self._settings.pypi_subdir
+        match = _REQUIREMENT.match(requirement)
+        if match is None:
+            raise BuildError(
+                f"llama_cpp.pypi_package {requirement!r} is not NAME or NAME==VERSION; "
+                "write it like 'llama-cpp-python==0.3.36'"
+            )
+        name, version = _canonical_name(match[1]), match[2]
+        if version and (found := _find_subdir(sources_dir / f"pypi-{name}-{version}", subdir)):
+            return _Source(revision=f"pypi-{name}-{version}", path=found)
+        downloads = self._cache_dir / "downloads"
+        sdist = _find_sdist(downloads, name=name, version=version) if version else None
+        if sdist is None:
+            self._say(f"downloading {requirement} sdist")
+            sdist = await self._pip_download(requirement, name=name, downloads=downloads)
+        root = sources_dir / f"pypi-{name}-{_sdist_version(sdist)}"
+        if not root.is_dir():
+            self._say(f"extracting {sdist.name} into {root}")
+            await asyncio.to_thread(_extract, sdist, root)
+        found = _find_subdir(root, subdir)
+        if found is None:
+            raise BuildError(f"{sdist.name} has no {subdir!r} folder; fix llama_cpp.pypi_subdir")
+        return _Source(revision=root.name, path=found)
+
+    async def _pip_download(self, requirement: str, *, name: str, downloads: Path) -> Path:
+        # `--no-binary <name>`, not `:all:`: pip hands `:all:` on to the build dependencies it installs to
+        # read the sdist's metadata, and those would then have to be built from source too.
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+        tail = await self._run([*pip, "--no-binary", name, "-d", str(downloads), requirement], what="pip")
+        for line in (line.strip() for line in reversed(tail)):
+            for prefix in ("Saved ", "File was already downloaded "):
+                if line.startswith(prefix) and (path := downloads / Path(line.removeprefix(prefix)).name).is_file():
+                    return path
+        sdist = _find_sdist(downloads, name=name, version=None)
+        if sdist is None:
+            raise BuildError(f"pip download {requirement} left no sdist in {downloads}; does the index have one?")
+        return sdist
+
+    async def _local_source(self) -> _Source:
+        assert self._settings.source_path is not None, "LlamaCppConfig requires source_path for source: local"
+        path = config.resolve_path(self._settings.source_path, base_dir=self._base_dir).absolute()
+        if not (path / "CMakeLists.txt").is_file():
+            raise BuildError(f"llama_cpp.source_path {path} has no CMakeLists.txt; point it at llama.cpp")
+        revision = await self._git_revision(path)
+        return _Source(revision=revision or f"local-{_sha8(str(path))}", path=path)
+
+    async def _use_configured_binary(self) -> BuildResult:
+        binary = self._binary_path
+        if not binary.is_file():
+            raise BuildError(
+                f"llama_cpp.enabled is false but binary_path {binary} does not exist; "
+                "point binary_path at a llama-server binary or set enabled: true"
+            )
+        version = await self._smoke_test(binary)
+        self._say(f"smoke test ok: version {version} ({binary}; building is disabled)")
+        self._status.llama_cpp_version = version
+        build_dir = binary.resolve().parent
+        return BuildResult(binary_path=binary, build_dir=build_dir, llama_cpp_version=version, reused=True)
+
+    async def _live_build(self) -> BuildResult | None:
+        """The complete build binary_path points at, if it still passes its smoke test."""
+        binary = self._binary_path.resolve()
+        build_dir = binary.parent.parent
+        if not self._binary_path.is_symlink() or not (build_dir / MARKER_NAME).is_file():
+            return None
+        try:
+            version = await self._smoke_test(binary)
+        except SmokeTestFailed:
+            return None
+        self._status.llama_cpp_version = version
+        return BuildResult(binary_path=binary, build_dir=build_dir, llama_cpp_version=version, reused=True)
+
+    async def _smoke_test(self, binary: Path) -> str:
+        """The binary's version, once `--version` and `--help` both exit 0 and the help mentions --port."""
+        outputs: dict[str, str] = {}
+        for flag in ("--version", "--help"):
+            try:
+                async with asyncio.timeout(SMOKE_TIMEOUT_S):
+                    rc, out, err = await self._capture([str(binary), flag])
+            except TimeoutError as exc:
+                raise SmokeTestFailed(f"{binary} {flag} did not finish in {SMOKE_TIMEOUT_S:.0f}s") from exc
+            except BuildError as exc:
+                raise SmokeTestFailed(f"{binary} {flag} could not run: {exc}") from exc
+            outputs[flag] = out + err
+            if rc != 0:
+                tail = "\n".join(outputs[flag].splitlines()[-_TAIL_LINES:])
+                raise SmokeTestFailed(f"{binary} {flag} exited with status {rc}; its output ends:\n{tail}")
+        if "--port" not in outputs["--help"]:
+            raise SmokeTestFailed(f"{binary} --help does not mention --port; is it llama-server?")
+        return parse_version_output(outputs["--version"])
+
+    async def _git_revision(self, path: Path) -> str | None:
+        """The short commit checked out at `path`, or None when it is no git work tree's top folder."""
+        if not (path / ".git").exists():  # a folder inside some other repository does not count
+            return None
+        try:
+            rc, out, _ = await self._capture(["git", "-C", str(path), "rev-parse", "--short=9", "HEAD"])
+        except BuildError:  # git is not installed
+            return None
+        return out.strip() if rc == 0 and out.strip() else None
+
+    async def _capture(self, argv: list[str]) -> tuple[int, str, str]:
+        """Run a short command to its end: (exit status, stdout, stderr)."""
+        proc = await _spawn(argv, env=self._child_env(), merge_stderr=False)
+        try:
+            out, err = await proc.communicate()
+        except BaseException:  # cancelled, or timed out by the caller
+            await _stop(proc)
+            raise
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+    async def _run(self, argv: list[str], *, what: str, show_percent: bool = False) -> list[str]:
+        """Run a long command, passing on its errors and progress; its last lines, or BuildError."""
+        proc = await _spawn(argv, env=self._child_env(), merge_stderr=True)
+        assert proc.stdout is not None
+        tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        shown_percent, pending = -1, b""
+        try:
+            while chunk := await proc.stdout.read(65536):
+                *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+                for line in (raw.decode(errors="replace").rstrip() for raw in lines):
+                    tail.extend([line] if line else [])
+                    percent = _percent(line) if show_percent else None
+                    if percent is not None and percent != shown_percent:
+                        shown_percent = percent
+                        self._say(f"building llama-server [{percent:3d}%]")
+                    elif percent is None and _ERROR_LINE.search(line):
+                        self._say(line)
+            tail.extend([pending.decode(errors="replace").rstrip()] if pending.strip() else [])
+            status = await proc.wait()
+        except BaseException:  # cancelled: stop the whole build, not only its first process
+            await _stop(proc)
+            raise
+        if status != 0:
+            output = "\n".join(tail)
+            raise BuildError(f"{what} failed with exit status {status}; its output ends:\n{output}")
+        return list(tail)
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # llama.cpp's CMake uses ccache whenever it is installed; one cache dir, with paths taken relative
+        # to cache_dir, lets sibling build folders (one per revision) reuse each other's objects.
+        env.setdefault("CCACHE_DIR", str(self._cache_dir / "ccache"))
+        env["CCACHE_BASEDIR"] = str(self._cache_dir)
+        env["CCACHE_NOHASHDIR"] = "1"
+        env["GIT_TERMINAL_PROMPT"] = "0"  # a private repo_url fails instead of waiting for a password
+        return env
+
+    def _say(self, message: str) -> None:
+        self._progress(f"llama.cpp: {message}")
+
+
+def _print_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _sha8(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def _canonical_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _sdist_version(sdist: Path) -> str:
+    return sdist.name.removesuffix(".tar.gz").rpartition("-")[2]
+
+
+def _find_sdist(downloads: Path, *, name: str, version: str | None) -> Path | None:
+    """The newest sdist of `name` (and `version`, if given) in `downloads`."""
+    found = [
+        path
+        for path in (downloads.iterdir() if downloads.is_dir() else [])
+        if path.name.endswith(".tar.gz")
+        and _canonical_name(path.name.removesuffix(".tar.gz").rpartition("-")[0]) == name
+        and version in (None, _sdist_version(path))
+    ]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def _find_subdir(root: Path, subdir: str) -> Path | None:
+    """llama.cpp's folder in an extracted sdist: `<root>/<name>-<version>/<subdir>`."""
+    tops = root.iterdir() if root.is_dir() else []
+    return next((top / subdir for top in tops if (top / subdir).is_dir()), None)
+
+
+def _extract(sdist: Path, root: Path) -> None:
+    """Unpack into a sibling folder, then rename it to `root`: a half extraction never counts."""
+    partial = root.with_name(f".{root.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with tarfile.open(sdist) as archive:
+            archive.extractall(partial, filter="data")
+    except tarfile.TarError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise BuildError(f"{sdist} is not a readable sdist ({exc}); delete it to download it again") from exc
+    os.replace(partial, root)
+
+
+def _write_marker(marker: Path, *, revision: str, version: str, flags: list[str]) -> None:
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    record = {"revision": revision, "llama_cpp_version": version, "flags": flags, "built_at": now}
+    partial = marker.with_name(f"{marker.name}.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, marker)
+
+
+def _point_symlink(link: Path, target: Path) -> bool:
+    """Make `link` a symlink to `target` in one step; False when it already resolves there."""
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return False
+    if link.exists() and not link.is_symlink():
+        raise BuildError(
+            f"binary_path {link} is a real file, not the symlink llamesh manages; move it away, or set "
+            "llama_cpp.enabled: false to run it as it is"
+        )
+    link.parent.mkdir(parents=True, exist_ok=True)
+    partial = link.with_name(f".{link.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    os.symlink(target, partial)
+    os.replace(partial, link)
+    return True
+
+
+def _prune(builds_dir: Path, *, keep: int, live: Path) -> list[Path]:
+    """Remove complete build folders beyond the newest `keep`, never the one `live` resolves into.
+
+    Folders without a marker are failed or running builds: they are left for the next attempt to reuse.
+    """
+    live_binary = live.resolve()
+    complete = [
+        folder
+        for folder in builds_dir.iterdir()
+        if (folder / MARKER_NAME).is_file() and not live_binary.is_relative_to(folder.resolve())
+    ]
+    complete.sort(key=lambda folder: (folder / MARKER_NAME).stat().st_mtime, reverse=True)
+    for folder in complete[keep:]:
+        (folder / MARKER_NAME).unlink()  # first, so a half-removed folder never looks complete
+        shutil.rmtree(folder, ignore_errors=True)
+    return complete[keep:]
+
+
+@contextlib.asynccontextmanager
+async def _exclusive(lock_path: Path, *, say: Progress) -> AsyncIterator[None]:
+    """Hold an flock on `lock_path`, polling for it so that waiting never blocks the event loop."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for attempt in range(sys.maxsize):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 0:
+                    say(f"waiting for another process's build to finish ({lock_path} is locked)")
+                await asyncio.sleep(_LOCK_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+async def _spawn(argv: list[str], *, env: dict[str, str], merge_stderr: bool) -> asyncio.subprocess.Process:
+    try:
+        # A session of its own, so that stopping a build reaches the compilers make started, not only make.
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise BuildError(f"cannot run {argv[0]}: {exc}; is it installed and on PATH?") from exc
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the child's process group (make then deletes half-written objects); SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), _TERMINATE_GRACE_S)
+            return
+
+
+def _percent(line: str) -> int | None:
+    if match := _MAKE_PERCENT.match(line):
+        return int(match[1])
+    if match := _NINJA_STEP.match(line):
+        return int(match[1]) * 100 // max(int(match[2]), 1)
+    return None

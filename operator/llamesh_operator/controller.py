@@ -1,0 +1,115 @@
+"""The operator's reconcile loop over a Store: read the world, `planning.plan` it, apply the actions.
+
+Level-triggered: it runs on every change it is told about and on a timer, and each run starts from what
+the store holds now, so a missed event or a restart costs nothing. Applying an action that raced with
+another writer (the object is gone or changed) is skipped; the next run sees the new world.
+
+It decides nothing itself — every decision is in `planning`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+
+from llamesh_api import config, resources, store
+from llamesh_operator import planning
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(
+        self,
+        *,
+        resource_store: store.Store,
+        defaults: Callable[[], config.ModelDefaults],
+        interval: float = 1.0,
+    ) -> None:
+        self._store = resource_store
+        self._defaults = defaults
+        self._interval = interval
+        self._wake = asyncio.Event()
+
+    async def reconcile_once(self) -> list[planning.Action]:
+        world = planning.World(
+            models=await self._store.list(resources.LlamaModel),
+            instances=await self._store.list(resources.LlamaInstance),
+            nodes=await self._store.list(resources.LlamaNode),
+            defaults=self._defaults(),
+        )
+        now = store.utcnow()
+        actions = planning.plan(world, now=now)
+        for action in actions:
+            try:
+                await self._apply(action)
+            except (store.NotFound, store.Conflict, store.AlreadyExists) as exc:
+                log.debug("skipped %s: %s", action, exc)
+        return actions
+
+    async def run(self) -> None:
+        """Reconcile on every watched change and at least every `interval` seconds, until cancelled."""
+        watchers = [
+            asyncio.create_task(self._watch(kind), name=f"operator-watch-{kind.kind_name}")
+            for kind in (resources.LlamaModel, resources.LlamaInstance, resources.LlamaNode)
+        ]
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    await self.reconcile_once()
+                except Exception:  # the loop must survive anything one pass hits
+                    log.exception("operator reconcile failed; retrying")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+        finally:
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+
+    async def _watch(self, kind: type[resources.Resource]) -> None:
+        async for _event in self._store.watch(kind):
+            self._wake.set()
+
+    async def _apply(self, action: planning.Action) -> None:
+        match action:
+            case planning.Bind(instance=name, node=node_name):
+
+                def bind(obj: resources.LlamaInstance) -> None:
+                    obj.spec.node_name = node_name
+                    obj.status.phase = resources.Phase.SCHEDULED
+                    obj.status.message = f"bound to {node_name}"
+
+                await self._store.update(resources.LlamaInstance, name, bind)
+                log.info("instance %s bound to node %s", name, node_name)
+            case planning.Unschedulable(instance=name, message=message):
+                await self._store.update(
+                    resources.LlamaInstance, name, lambda obj: setattr(obj.status, "message", message)
+                )
+                log.warning("instance %s: %s", name, message)
+            case planning.Drain(instance=name, reason=reason):
+
+                def drain(obj: resources.LlamaInstance) -> None:
+                    obj.spec.drain = True
+                    obj.spec.drain_reason = reason
+
+                await self._store.update(resources.LlamaInstance, name, drain)
+                log.info("instance %s draining: %s", name, reason)
+            case planning.Delete(instance=name, reason=reason):
+                await self._store.delete(resources.LlamaInstance, name)
+                log.info("instance %s deleted: %s", name, reason)
+            case planning.Create(model=model, profile=profile, args_hash=args_hash, reason=reason):
+                created = await self._store.create(new_instance(model, profile, args_hash=args_hash, reason=reason))
+                log.info("instance %s created: %s", created.name, reason.value)
+            case planning.SetModelStatus(model=model, status=status):
+                await self._store.update(resources.LlamaModel, model, lambda obj: setattr(obj, "status", status))
+
+
+def new_instance(model: str, profile: str, *, args_hash: str, reason: resources.Reason) -> resources.LlamaInstance:
+    return resources.LlamaInstance(
+        metadata=resources.ObjectMeta(name=resources.instance_name(model, profile, secrets.token_hex(3))),
+        spec=resources.InstanceSpec(model=model, profile=profile, args_hash=args_hash, reason=reason),
+    )
