@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run the whole test suite the way CI does: set up .venv if needed, lint, type-check, then every test,
+# including the ones against the real llama-server (built once per machine into ~/.cache/llamesh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import llamesh_api, pytest, kmock, openai, gguf" 2>/dev/null; then
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -e '.[dev]'
+fi
+
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy --strict"
+.venv/bin/mypy
+echo "== pytest"
+exec .venv/bin/pytest "$@"
