@@ -1,5 +1,6 @@
 """The `llamesh` command as a user runs it (a real child process): `validate` accepts the examples and
-rejects broken files with file/field/fix messages and a non-zero exit; import direction between the
+rejects broken files with file/field/fix messages and a non-zero exit; `build-llama` reuses the cached
+real build; import direction between the
 packages holds (import-linter)."""
 
 from __future__ import annotations
@@ -92,3 +93,12 @@ def test_import_direction_holds() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "broken" not in result.stdout.lower().replace("0 broken", "")
+
+
+def test_build_llama_reuses_the_cached_build(llama_server_binary: Path) -> None:
+    result = llamesh("build-llama", "--config", str(EXAMPLES / "config.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "llama-server reused" in result.stdout
+    assert str(llama_server_binary) in result.stdout
+    live = Path("~/.cache/llamesh/bin/llama-server").expanduser()
+    assert live.resolve() == llama_server_binary.resolve()
