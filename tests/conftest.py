@@ -8,11 +8,11 @@ it (minutes; progress goes to the terminal); later runs reuse it in seconds.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from llamesh_agent import build
 from llamesh_api import loading
@@ -21,15 +21,15 @@ from rig import tiny_models
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.fixture(scope="session")
-def llama_server_binary() -> Path:
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def llama_server_binary() -> Path:
     node_config = loading.load_node_config(ROOT / "examples" / "config.yaml", environ={})
 
     def progress(message: str) -> None:
         print(message, file=sys.__stderr__, flush=True)  # visible even while pytest captures output
 
     manager = build.BuildManager(node_config.llama_cpp, base_dir=ROOT / "examples", progress=progress)
-    result = asyncio.run(manager.ensure_binary())
+    result = await manager.ensure_binary()
     return result.binary_path
 
 

@@ -25,7 +25,7 @@ async def names(memory: store.MemoryStore) -> set[str]:
     return {model.name for model in await memory.list(resources.LlamaModel)}
 
 
-async def test_diff_models_is_exact() -> None:
+def test_diff_models_is_exact() -> None:
     book = cookbook.Cookbook.model_validate(
         {"models": [{"name": "same", "profiles": [{"id": "d", "model_path": "/x"}]},
                     {"name": "new", "profiles": [{"id": "d", "model_path": "/x"}]},
