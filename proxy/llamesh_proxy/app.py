@@ -1,0 +1,112 @@
+"""The gateway's aiohttp application: routes, middlewares, and what runs while it is up.
+
+`create_app(...)` builds everything from its arguments and starts nothing: on startup (cleanup_ctx) the
+shared upstream `ClientSession` is opened, the catalog is primed from the store, the watches and the
+usage publisher start; on cleanup they stop, a last usage report is written and the session closes.
+
+Run it with `make_runner(app)` (or any runner with `handler_cancellation=True`): a client that disconnects
+must cancel its handler, so a queued request leaves its queue and an upstream request is abandoned at once.
+The CLI's shutdown calls `start_draining(app)` on the first SIGTERM, then `await wait_idle(app, grace)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import typedefs, web
+
+from llamesh_api import config, store
+from llamesh_proxy import catalog, endpoints, errors, following, forwarder, gateway, inference
+
+GATEWAY = gateway.GATEWAY
+TEXT, EMBEDDINGS, RERANK = catalog.Capability.TEXT, catalog.Capability.EMBEDDINGS, catalog.Capability.RERANK
+
+
+def create_app(
+    node_config: config.NodeConfig, *, store: store.Store, gateway_id: str, node_name: str
+) -> web.Application:
+    """The OpenAI gateway for `node_config`, reading and writing resources through `store`."""
+    gw = gateway.Gateway(node_config, store=store, gateway_id=gateway_id, node_name=node_name)
+    middlewares: list[typedefs.Middleware] = [errors.error_middleware]
+    if gw.authenticator.enabled:
+        middlewares.append(gw.authenticator.middleware())
+    app = web.Application(client_max_size=node_config.http.request_body_limit_bytes, middlewares=middlewares)
+    app[GATEWAY] = gw
+    _add_routes(app)
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_background)
+    return app
+
+
+def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+    """An `AppRunner` with the settings the gateway relies on (client disconnect cancels the handler)."""
+    kwargs.setdefault("handler_cancellation", True)
+    kwargs.setdefault("access_log", None)
+    return web.AppRunner(app, **kwargs)
+
+
+def start_draining(app: web.Application) -> None:
+    """First SIGTERM: /readyz 503, new and queued requests 503 draining. In-flight requests finish."""
+    app[GATEWAY].start_draining()
+
+
+async def wait_idle(app: web.Application, timeout_s: float | None) -> bool:
+    """Wait until no request is in flight or queued; False if `timeout_s` seconds passed first."""
+    return await app[GATEWAY].wait_idle(timeout_s)
+
+
+def _add_routes(app: web.Application) -> None:
+    router = app.router
+    router.add_post("/v1/chat/completions", inference.handler(TEXT))
+    router.add_post("/v1/completions", inference.handler(TEXT))
+    router.add_post("/v1/embeddings", inference.handler(EMBEDDINGS))
+    for path in ("/v1/rerank", "/v1/reranking", "/rerank"):
+        router.add_post(path, inference.handler(RERANK))
+    router.add_get("/v1/models", endpoints.list_models)
+    router.add_get("/v1/models/{model:.+}", endpoints.get_model)
+    router.add_get("/healthz", endpoints.healthz)
+    router.add_get("/health", endpoints.healthz)
+    router.add_get("/readyz", endpoints.readyz)
+    router.add_get("/version", endpoints.version)
+    router.add_get("/metrics", endpoints.metrics_text)
+    router.add_get("/metrics/json", endpoints.metrics_json)
+    router.add_post("/admin/prewarm", endpoints.prewarm)
+    router.add_post("/admin/rebuild-llama", endpoints.rebuild_llama)
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """One keep-alive session for every upstream request; bytes are relayed undecoded."""
+    gw = app[GATEWAY]
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    async with aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        gw.forwarder = forwarder.Forwarder(
+            session,
+            credential_headers=gw.authenticator.credential_headers(),
+            upstream_read_timeout_ms=gw.config.upstream_read_timeout_ms,
+        )
+        yield
+        gw.forwarder = None
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    await following.prime(gw)
+    tasks = [
+        asyncio.create_task(following.follow_models(gw), name="gateway: watch models"),
+        asyncio.create_task(following.follow_instances(gw), name="gateway: watch instances"),
+        asyncio.create_task(following.follow_nodes(gw), name="gateway: watch nodes"),
+        asyncio.create_task(following.publish_usage(gw), name="gateway: publish usage"),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await gw.dispatcher.close()

@@ -1,0 +1,65 @@
+"""API-key authentication for client requests.
+
+With `auth.enabled`, a request carries its key in `auth.required_header` (default `x-api-key`) or as
+`Authorization: Bearer <key>` (what OpenAI SDKs send). Probes (/healthz, /health, /readyz, /version) stay
+open; everything else — the OpenAI routes, /metrics, and the admin endpoints — needs an accepted key.
+Keys are compared in constant time against every configured key, as the seed does.
+
+This module decides who may call; it does not rate-limit or scope keys to models.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+
+from aiohttp import typedefs, web
+
+from llamesh_api import config
+from llamesh_proxy import errors
+
+OPEN_PATHS = frozenset({"/healthz", "/health", "/readyz", "/version"})
+_BEARER = "bearer "
+
+
+class Authenticator:
+    """Checks the key a request presents against `auth.allowed_keys`."""
+
+    def __init__(self, settings: config.AuthConfig) -> None:
+        self.enabled = settings.enabled
+        self.header = settings.required_header
+        self._keys = [key.get_secret_value().encode() for key in settings.allowed_keys]
+
+    def presented_key(self, headers: Mapping[str, str]) -> str | None:
+        key = headers.get(self.header)
+        if key:
+            return key.strip()
+        authorization = headers.get("Authorization", "")
+        if authorization[: len(_BEARER)].lower() == _BEARER:
+            return authorization[len(_BEARER) :].strip() or None
+        return None
+
+    def is_authorized(self, headers: Mapping[str, str]) -> bool:
+        if not self.enabled:
+            return True
+        key = self.presented_key(headers)
+        if key is None:
+            return False
+        candidate = key.encode()
+        matched = False
+        for allowed in self._keys:  # no early exit: timing says nothing about which key matched
+            matched |= hmac.compare_digest(candidate, allowed)
+        return matched
+
+    def credential_headers(self) -> tuple[str, ...]:
+        """Request headers that carry a gateway key; they are never forwarded upstream."""
+        return (self.header.lower(), "authorization")
+
+    def middleware(self) -> typedefs.Middleware:
+        @web.middleware
+        async def require_key(request: web.Request, handler: errors.Handler) -> web.StreamResponse:
+            if self.enabled and request.path not in OPEN_PATHS and not self.is_authorized(request.headers):
+                raise errors.AuthenticationFailed()
+            return await handler(request)
+
+        return require_key

@@ -1,0 +1,234 @@
+"""Waiting for a slot: the asyncio side of `queueing`, and asking the store for new instances.
+
+`Dispatcher.acquire` admits a request through the `Board`; when it must wait, it parks on a future that a
+grant (a freed slot, a newly READY instance) or a failure (spawn failed, draining, profile removed) settles,
+bounded by the profile's `max_wait_in_queue_ms`. Whatever ends the wait early — timeout, a client that
+disconnects (the handler is cancelled), an error — withdraws the ticket, so the queue and the slot
+counts stay exact. Instances are asked for by creating `LlamaInstance` objects (phase Pending) in the
+store from a background task, so a client that goes away never leaves a half-made request behind.
+
+It does not forward requests (`forwarder`) and does not read the store (`following` feeds the catalog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import logging
+import re
+import secrets
+import time
+
+from llamesh_api import resources, store
+from llamesh_proxy import catalog, errors, metrics, queueing
+
+logger = logging.getLogger(__name__)
+
+REQUESTED_BY = f"{resources.GROUP}/requested-by"
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """A slot on one instance, held from admission until `Dispatcher.release`."""
+
+    ticket: int
+    instance: str
+    url: str
+    queued_ms: float
+
+
+def instance_name(target: catalog.Target) -> str:
+    """A fresh DNS-1123 name: `<model>-<profile>-<6 hex>`, sanitized and kept well under 63 characters."""
+    base = _NOT_DNS.sub("-", f"{target.model}-{target.profile.id}".lower()).strip("-")
+    base = base[:48].rstrip("-") or "instance"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+class Dispatcher:
+    """Admission with waiting, for one gateway."""
+
+    def __init__(
+        self,
+        *,
+        board: queueing.Board,
+        catalog: catalog.Catalog,
+        store: store.Store,
+        metrics: metrics.Metrics,
+        gateway_id: str,
+    ) -> None:
+        self.board = board
+        self.catalog = catalog
+        self._store = store
+        self._metrics = metrics
+        self._gateway_id = gateway_id
+        self._waiters: dict[int, asyncio.Future[Lease]] = {}
+        self._creating: set[asyncio.Task[None]] = set()
+        self.last_request_at: dict[str, float] = {}  # instance → time.time() of its last start or end
+
+    async def acquire(self, target: catalog.Target) -> Lease:
+        """A slot for `target`, now or after waiting in its queue; raises the seed's 503s (or 404/500)."""
+        decision = self.board.admit(target.pool, target.policy, name_factory=functools.partial(instance_name, target))
+        if isinstance(decision, queueing.Admitted):
+            return self._lease(decision.ticket, decision.instance, queued_ms=0.0)
+        if isinstance(decision, queueing.Rejected):
+            raise self._rejection(decision.reason)
+        ticket = decision.ticket
+        if decision.spawn is not None:
+            self._create(target, decision.spawn, resources.Reason.DEMAND)
+        waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._waiters[ticket] = waiter
+        started = time.monotonic()
+        wait_s = target.max_wait_ms / 1000 if target.max_wait_ms else None
+        try:
+            async with asyncio.timeout(wait_s):
+                lease = await waiter
+        except BaseException as exc:
+            self._waiters.pop(ticket, None)
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved: a failure we were given is not "never retrieved"
+            self._apply(self.board.withdraw(ticket))  # leaves the queue, or gives back a slot granted too late
+            if isinstance(exc, TimeoutError):
+                self._metrics.queue_drops["timeout"] += 1
+                raise errors.QueueTimeout() from None
+            raise
+        queued_ms = (time.monotonic() - started) * 1000
+        self._metrics.observe_queue_wait(queued_ms)
+        return dataclasses.replace(lease, queued_ms=queued_ms)
+
+    def release(self, lease: Lease) -> None:
+        self.last_request_at[lease.instance] = time.time()
+        self._apply(self.board.release(lease.ticket))
+
+    def refresh(self, pool: str, *, failed_unready: bool = False) -> None:
+        """The catalog's view of `pool` changed: grant, fail or spawn as the board says."""
+        target = self.catalog.target(pool)
+        if target is None:
+            return
+        view = self.catalog.pool_view(pool)
+        changes = self.board.set_instances(
+            pool,
+            target.policy,
+            routable=view.routable,
+            starting=view.starting,
+            known=view.known,
+            failed_unready=failed_unready,
+            name_factory=functools.partial(instance_name, target),
+        )
+        self._apply(changes)
+
+    def forget(self, pool: str) -> None:
+        """The profile is no longer served: its waiters get 404."""
+        self._apply(self.board.forget(pool))
+
+    def drain(self) -> None:
+        """Shutdown: every waiter and every newcomer gets 503 draining."""
+        self._apply(self.board.drain())
+
+    def prewarm(self, target: catalog.Target) -> str | None:
+        """Ask for an instance of `target` unless one is live; the name asked for, or None."""
+        name = self.board.want_instance(
+            target.pool, target.policy, name_factory=functools.partial(instance_name, target)
+        )
+        if name is not None:
+            self._create(target, name, resources.Reason.PREWARM)
+        return name
+
+    async def close(self) -> None:
+        for task in list(self._creating):
+            task.cancel()
+        await asyncio.gather(*self._creating, return_exceptions=True)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _lease(self, ticket: int, instance: str, *, queued_ms: float) -> Lease:
+        url = self.catalog.url(instance)
+        if url is None:  # granted from the routable list, so it has a URL; kept as a guard
+            self._apply(self.board.release(ticket))
+            raise errors.UpstreamError(f"Upstream error: instance {instance} has no address")
+        self.last_request_at[instance] = time.time()
+        return Lease(ticket=ticket, instance=instance, url=url, queued_ms=queued_ms)
+
+    def _apply(self, changes: queueing.Changes) -> None:
+        pending = [changes]
+        while pending:
+            current = pending.pop()
+            for grant in current.grants:
+                waiter = self._waiters.pop(grant.ticket, None)
+                if waiter is None or waiter.done():  # its owner is leaving; give the slot to the next one
+                    pending.append(self.board.release(grant.ticket))
+                    continue
+                try:
+                    waiter.set_result(self._lease(grant.ticket, grant.instance, queued_ms=0.0))
+                except errors.GatewayError as exc:
+                    waiter.set_exception(exc)
+            for failure in current.failures:
+                waiter = self._waiters.pop(failure.ticket, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(self._failure(failure))
+            for spawn in current.spawns:
+                target = self.catalog.target(spawn.pool)
+                if target is not None:
+                    self._create(target, spawn.name, resources.Reason.DEMAND)
+                else:
+                    pending.append(self.board.create_failed(spawn.pool, spawn.name))
+
+    def _rejection(self, reason: queueing.RejectReason) -> errors.GatewayError:
+        if reason is queueing.RejectReason.DRAINING:
+            return errors.Draining()
+        if reason is queueing.RejectReason.NO_CAPACITY:
+            return errors.NoCapacity()
+        self._metrics.queue_drops[reason.value] += 1
+        return errors.QueueFull()
+
+    def _failure(self, failure: queueing.Failure) -> errors.GatewayError:
+        reason = failure.reason
+        if reason is queueing.FailReason.SPAWN_FAILED:
+            return errors.SpawnFailuresExhausted()
+        if reason is queueing.FailReason.DRAINING:
+            return errors.Draining()
+        if reason is queueing.FailReason.PROFILE_GONE:
+            return errors.ModelNotFound("The requested model was removed while the request waited", param="model")
+        return errors.InternalError("Could not request a new instance for this model")
+
+    def _create(self, target: catalog.Target, name: str, reason: resources.Reason) -> None:
+        task = asyncio.create_task(self._create_instance(target, name, reason), name=f"create {name}")
+        self._creating.add(task)
+        task.add_done_callback(self._creating.discard)
+
+    async def _create_instance(self, target: catalog.Target, name: str, reason: resources.Reason) -> None:
+        owners = []
+        if target.model_uid:
+            owners.append(
+                resources.OwnerReference(
+                    api_version=resources.API_VERSION, kind="LlamaModel", name=target.model, uid=target.model_uid
+                )
+            )
+        instance = resources.LlamaInstance(
+            metadata=resources.ObjectMeta(
+                name=name, annotations={REQUESTED_BY: self._gateway_id}, owner_references=owners
+            ),
+            spec=resources.InstanceSpec(
+                model=target.model, profile=target.profile.id, args_hash=target.args_hash, reason=reason
+            ),
+        )
+        try:
+            await self._store.create(instance)
+        except Exception:
+            logger.exception("could not create instance %s for %s", name, target.display)
+            self._apply(self.board.create_failed(target.pool, name))
+            return
+        logger.info(
+            json.dumps(
+                {
+                    "event": "instance_spawn",
+                    "instance_id": name,
+                    "model": target.model,
+                    "profile": target.profile.id,
+                    "reason": reason.value,
+                    "gateway_id": self._gateway_id,
+                }
+            )
+        )

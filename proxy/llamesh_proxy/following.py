@@ -1,0 +1,159 @@
+"""The gateway's store traffic in the background: watching resources into the catalog, publishing usage.
+
+`prime` lists models, instances and nodes once at startup so the first request finds a full catalog;
+`follow` then watches each kind for good — a watch that fails or ends is re-listed and re-opened, so
+missed events never leave the caches wrong (level-triggered, as on a real API server whose watches expire).
+Every instance event re-evaluates that instance's pool (grant waiters a new READY instance, fail them on a
+spawn failure); every model event re-evaluates every pool.
+
+`publish_usage` writes this gateway's traffic per instance (`status.usage[gateway_id]`: in flight, last
+request) about once a second and only when it changed — never a store write per request — and at once
+when an instance it holds requests on is marked drained. The operator's idle eviction and the agent's
+drain read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from llamesh_api import resources, store
+from llamesh_proxy import gateway
+
+logger = logging.getLogger(__name__)
+
+RETRY_S = 1.0
+R = TypeVar("R", bound=resources.Resource)
+
+
+async def prime(gw: gateway.Gateway) -> None:
+    """Fill the catalog from one listing of each kind."""
+    gw.catalog.replace_nodes(await gw.store.list(resources.LlamaNode))
+    _models_replaced(gw, await gw.store.list(resources.LlamaModel))
+    _instances_replaced(gw, await gw.store.list(resources.LlamaInstance))
+
+
+async def follow_models(gw: gateway.Gateway) -> None:
+    await _follow(gw.store, resources.LlamaModel, lambda e: _model_event(gw, e), lambda o: _models_replaced(gw, o))
+
+
+async def follow_instances(gw: gateway.Gateway) -> None:
+    await _follow(
+        gw.store, resources.LlamaInstance, lambda e: _instance_event(gw, e), lambda o: _instances_replaced(gw, o)
+    )
+
+
+async def follow_nodes(gw: gateway.Gateway) -> None:
+    await _follow(
+        gw.store, resources.LlamaNode, lambda e: gw.catalog.apply_node(e.type, e.object), gw.catalog.replace_nodes
+    )
+
+
+async def _follow(
+    source: store.Store,
+    kind: type[R],
+    apply: Callable[[store.Event[R]], None],
+    replace: Callable[[list[R]], None],
+) -> None:
+    relist = False
+    while True:
+        try:
+            if relist:
+                replace(await source.list(kind))
+            relist = True
+            async for event in source.watch(kind):
+                apply(event)
+            logger.info("watch of %s ended; re-listing", kind.kind_name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning("watch of %s failed; re-listing in %.0f s", kind.kind_name, RETRY_S, exc_info=True)
+            await asyncio.sleep(RETRY_S)
+
+
+def _model_event(gw: gateway.Gateway, event: store.Event[resources.LlamaModel]) -> None:
+    _models_changed(gw, gw.catalog.apply_model(event.type, event.object))
+
+
+def _models_replaced(gw: gateway.Gateway, models: Iterable[resources.LlamaModel]) -> None:
+    _models_changed(gw, gw.catalog.replace_models(models))
+
+
+def _models_changed(gw: gateway.Gateway, vanished: set[str]) -> None:
+    for pool in vanished:
+        gw.dispatcher.forget(pool)
+    for pool in gw.catalog.pools():
+        gw.dispatcher.refresh(pool)
+
+
+def _instance_event(gw: gateway.Gateway, event: store.Event[resources.LlamaInstance]) -> None:
+    instance = event.object
+    change = gw.catalog.apply_instance(event.type, instance)
+    gw.dispatcher.refresh(change.pool, failed_unready=change.failed_unready)
+    if instance.spec.drain and gw.board.in_flight(instance.name):
+        gw.usage_nudge.set()  # its agent stops it at in_flight 0: tell it about ours now, not in a second
+
+
+def _instances_replaced(gw: gateway.Gateway, instances: Iterable[resources.LlamaInstance]) -> None:
+    for pool in gw.catalog.replace_instances(instances):
+        gw.dispatcher.refresh(pool)
+
+
+# --- usage ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """What was last written for one instance."""
+
+    in_flight: int
+    last_request_at: float | None
+
+
+async def publish_usage(gw: gateway.Gateway, *, interval_s: float = 1.0) -> None:
+    """Every `interval_s`, write what changed; when cancelled (shutdown), one last write."""
+    published: dict[str, Usage] = {}
+    try:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval_s):
+                    await gw.usage_nudge.wait()
+            gw.usage_nudge.clear()
+            await publish_once(gw, published)
+    finally:
+        await publish_once(gw, published)
+
+
+async def publish_once(gw: gateway.Gateway, published: dict[str, Usage]) -> None:
+    in_flight = gw.board.in_flight_by_instance()
+    last = gw.dispatcher.last_request_at
+    for name in list(last):
+        if gw.catalog.instance(name) is None and name not in in_flight:
+            del last[name]  # the instance is gone and we hold nothing on it
+            published.pop(name, None)
+    for name in set(in_flight) | set(last):
+        usage = Usage(in_flight.get(name, 0), last.get(name))
+        if published.get(name) == usage or gw.catalog.instance(name) is None:
+            continue
+        stamp = usage.last_request_at
+        report = resources.GatewayUsage(
+            in_flight=usage.in_flight,
+            last_request_at=datetime.datetime.fromtimestamp(stamp, datetime.UTC) if stamp is not None else None,
+        )
+
+        def mutate(instance: resources.LlamaInstance, report: resources.GatewayUsage = report) -> None:
+            instance.status.usage[gw.gateway_id] = report
+
+        try:
+            await gw.store.update(resources.LlamaInstance, name, mutate)
+        except store.NotFound:
+            published.pop(name, None)
+        except Exception:
+            logger.warning("could not publish usage of instance %s; retrying next tick", name, exc_info=True)
+        else:
+            published[name] = usage

@@ -1,0 +1,198 @@
+"""Relaying one request to its llama-server instance and the answer back, bytes as they are.
+
+The body goes upstream verbatim on the same path, with hop-by-hop headers, `Host`, `Content-Length` and the
+client's gateway key left out. A non-streaming answer (any status) is read whole and relayed with its
+status; a streaming one (`"stream": true`, 2xx) is relayed chunk by chunk as it arrives, awaiting each
+write so a slow client slows the upstream read (backpressure). SSE is not parsed: the last few chunks are
+kept by reference and searched once at the end for `usage.completion_tokens`.
+
+Failures: no answer from upstream (refused, reset, timed out) is a 502 `upstream_error`. Once a stream has
+started its status cannot change, so an upstream that dies mid-stream makes us close the client connection
+without the final chunk — the client sees a truncated stream, as it would from llama-server itself. A
+client that goes away (`ConnectionResetError` on write, or the handler cancelled) closes the upstream
+response, which makes llama-server cancel the task and free its slot.
+
+It does not choose instances or hold slots; the caller does, and releases them whatever happens here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from llamesh_proxy import errors
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+REQUEST_HEADERS_DROPPED = HOP_BY_HOP | {"host", "content-length"}
+RESPONSE_HEADERS_DROPPED = HOP_BY_HOP | {"content-length", "date", "server"}
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+TAIL_CHUNKS = 4
+TAIL_BYTES = 8192
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_PREDICTED_N = re.compile(rb'"predicted_n"\s*:\s*(\d+)')
+_UPSTREAM_FAILURES = (aiohttp.ClientError, TimeoutError, ConnectionError)
+
+
+@dataclasses.dataclass
+class Relay:
+    """What happened while relaying; filled in as it goes, read by the caller even after a failure."""
+
+    status: int = 0
+    tokens: int = 0
+    client_gone: bool = False
+    upstream_failed: bool = False
+
+
+def completion_tokens(tail: bytes | memoryview, *, data_events: int = 0) -> int:
+    """Generated tokens from the end of a response: `usage.completion_tokens`, else `timings.predicted_n`.
+
+    For a stream without either, the number of SSE `data:` events less the role, finish and `[DONE]`
+    events — an estimate that is exact for llama-server's one-token-per-chunk streams.
+    """
+    found = _COMPLETION_TOKENS.findall(tail) or _PREDICTED_N.findall(tail)
+    if found:
+        return int(found[-1])
+    return max(data_events - 3, 0)
+
+
+def upstream_headers(
+    client_headers: Mapping[str, str], *, dropped: frozenset[str], api_key: str | None, request_id: str
+) -> CIMultiDict[str]:
+    """The client's headers minus `dropped` (lower-case names), with our request id and the profile's key."""
+    headers = CIMultiDict((name, value) for name, value in client_headers.items() if name.lower() not in dropped)
+    headers["X-Request-Id"] = request_id
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+class Forwarder:
+    """Sends requests upstream on one shared, keep-alive `ClientSession`."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        credential_headers: tuple[str, ...],
+        upstream_read_timeout_ms: int,
+    ) -> None:
+        self._session = session
+        self._dropped = REQUEST_HEADERS_DROPPED | {name.lower() for name in credential_headers}
+        self._sock_read = upstream_read_timeout_ms / 1000 if upstream_read_timeout_ms else None
+        self._timeouts: dict[int, aiohttp.ClientTimeout] = {}
+
+    async def relay(
+        self,
+        request: web.Request,
+        *,
+        base_url: str,
+        body: bytes,
+        stream: bool,
+        max_duration_ms: int,
+        api_key: str | None,
+        request_id: str,
+        relay: Relay,
+    ) -> web.StreamResponse:
+        headers = upstream_headers(request.headers, dropped=self._dropped, api_key=api_key, request_id=request_id)
+        try:
+            upstream = await self._session.request(
+                request.method,
+                base_url + request.raw_path,
+                data=body,
+                headers=headers,
+                timeout=self._timeout(max_duration_ms),
+            )
+        except _UPSTREAM_FAILURES as exc:
+            relay.upstream_failed = True
+            raise errors.UpstreamError(f"Upstream error: {_describe(exc)}") from None
+        try:
+            relay.status = upstream.status
+            if stream and 200 <= upstream.status < 300:
+                return await self._relay_stream(request, upstream, request_id=request_id, relay=relay)
+            return await self._relay_whole(upstream, request_id=request_id, relay=relay)
+        finally:
+            upstream.close()  # a finished body was released already; an unfinished one drops the connection
+
+    async def _relay_whole(self, upstream: aiohttp.ClientResponse, *, request_id: str, relay: Relay) -> web.Response:
+        try:
+            payload = await upstream.read()
+        except _UPSTREAM_FAILURES as exc:
+            relay.upstream_failed = True
+            raise errors.UpstreamError(f"Failed to read upstream response body: {_describe(exc)}") from None
+        if 200 <= upstream.status < 300:
+            relay.tokens = completion_tokens(memoryview(payload)[-TAIL_BYTES:])
+        response = web.Response(status=upstream.status, body=payload, headers=self._client_headers(upstream))
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    async def _relay_stream(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, *, request_id: str, relay: Relay
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, headers=self._client_headers(upstream))
+        response.headers.update(STREAM_HEADERS)
+        response.headers["X-Request-Id"] = request_id
+        tail: list[bytes] = []
+        events = 0
+        content = upstream.content
+        try:
+            await response.prepare(request)
+            while True:
+                try:
+                    chunk = await content.readany()
+                except _UPSTREAM_FAILURES:
+                    relay.upstream_failed = True
+                    break
+                if not chunk:
+                    break
+                await response.write(chunk)  # waits while the client is slow: backpressure
+                tail.append(chunk)
+                if len(tail) > TAIL_CHUNKS:
+                    del tail[0]
+                events += chunk.count(b"data:")
+        except ConnectionResetError:
+            relay.client_gone = True
+            return response
+        relay.tokens = completion_tokens(b"".join(tail)[-TAIL_BYTES:], data_events=events)
+        if relay.upstream_failed and request.transport is not None:
+            # The status is sent; the only honest signal left is a truncated body (no final chunk).
+            request.transport.close()
+        return response
+
+    @staticmethod
+    def _client_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+        return CIMultiDict(
+            (name, value) for name, value in upstream.headers.items() if name.lower() not in RESPONSE_HEADERS_DROPPED
+        )
+
+    def _timeout(self, max_duration_ms: int) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(max_duration_ms)
+        if timeout is None:
+            total = max_duration_ms / 1000 if max_duration_ms else None
+            timeout = aiohttp.ClientTimeout(total=total, sock_connect=10, sock_read=self._sock_read)
+            self._timeouts[max_duration_ms] = timeout
+        return timeout
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,189 @@
+"""The OpenAI request path: /v1/chat/completions, /v1/completions, /v1/embeddings and the rerank aliases.
+
+In order (DESIGN.md "The request path"; auth already ran as middleware): refuse while draining → read the
+body within `http.request_body_limit_bytes` (413) and `http.body_read_timeout_ms` (408) → it must be a
+JSON object (400) → `model`: absent means `default_model`, present must be a non-empty string (400) →
+hop limit (400) → resolve `model[:profile]` (404) → the profile must serve this endpoint (the seed's
+404/400) → admission (a slot now, or a wait in the profile's queue: the seed's 503s) → forward → count
+and log one JSON line. Every answer carries `X-Request-Id` (the client's, or a new one).
+
+The body is forwarded verbatim; only a `"stream": true` sent to embeddings or rerank is removed, because
+those endpoints have no streaming form (as in the seed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+from aiohttp import web
+
+from llamesh_proxy import catalog, errors, forwarder, gateway, metrics, requestlog
+
+HOPS_HEADER = "X-Llama-Mesh-Hops"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; only ever seen in our log line
+
+
+def handler(endpoint: catalog.Capability) -> errors.Handler:
+    """The aiohttp handler for one kind of endpoint."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await serve(request, endpoint)
+
+    return handle
+
+
+async def serve(request: web.Request, endpoint: catalog.Capability) -> web.StreamResponse:
+    gw = request.app[gateway.GATEWAY]
+    started = time.monotonic()
+    exchange = requestlog.Exchange(
+        request_id=request.headers.get("X-Request-Id") or os.urandom(16).hex(),
+        session_id=request.headers.get("X-Session-Id"),
+        path=request.path,
+    )
+    gw.request_started()
+    gw.metrics.requests_total += 1
+    stats: metrics.HashStats | None = None
+    try:
+        if gw.draining:
+            raise errors.Draining()
+        http = gw.config.http
+        body = await read_body(request, limit=http.request_body_limit_bytes, timeout_ms=http.body_read_timeout_ms)
+        document = parse_object(body)
+        requested = requested_model(document, default_model=gw.config.default_model)
+        check_hops(request, max_hops=gw.config.max_hops)
+        target = gw.catalog.resolve(requested)
+        if target is None:
+            raise errors.ModelNotFound(f"Model '{requested}' not found in local cookbook or any peer")
+        exchange.model, exchange.profile = target.model, target.profile.id
+        stats = gw.metrics.hash(target.args_hash, target.display)
+        stats.requests += 1
+        check_endpoint(target, endpoint, requested)
+        stream = document.get("stream") is True
+        if stream and endpoint is not catalog.Capability.TEXT:
+            body = json.dumps({key: value for key, value in document.items() if key != "stream"}).encode()
+            stream = False
+        exchange.stream = stream
+        return await _forward(request, gw, target, body=body, exchange=exchange)
+    except errors.GatewayError as exc:
+        exchange.status, exchange.error_type = exc.status, exc.error_type
+        response = exc.to_response()
+        response.headers["X-Request-Id"] = exchange.request_id
+        return response
+    except ConnectionResetError:  # the client went away while we read its body or wrote the answer
+        exchange.client_gone = True
+        exchange.status = exchange.status or CLIENT_CLOSED_REQUEST
+        return web.Response(status=CLIENT_CLOSED_REQUEST)  # never delivered; aiohttp drops it quietly
+    except asyncio.CancelledError:  # the client went away (handler cancelled) or the server is stopping
+        exchange.client_gone = True
+        exchange.status = exchange.status or CLIENT_CLOSED_REQUEST
+        raise
+    finally:
+        gw.request_finished()
+        duration_ms = (time.monotonic() - started) * 1000
+        failed = exchange.status >= 400 or exchange.upstream_failed
+        gw.metrics.errors_total += failed
+        if stats is not None:
+            stats.errors += failed
+            if exchange.instance is not None and not failed:
+                stats.observe(round(duration_ms), exchange.tokens)
+        requestlog.emit(exchange, duration_ms=duration_ms)
+
+
+async def _forward(
+    request: web.Request,
+    gw: gateway.Gateway,
+    target: catalog.Target,
+    *,
+    body: bytes,
+    exchange: requestlog.Exchange,
+) -> web.StreamResponse:
+    """Hold a slot (now or after queueing) for as long as the relay runs, whatever ends it."""
+    lease = await gw.dispatcher.acquire(target)
+    exchange.instance, exchange.queued_ms = lease.instance, lease.queued_ms
+    relay = forwarder.Relay()
+    try:
+        return await gw.forwarder.relay(
+            request,
+            base_url=lease.url,
+            body=body,
+            stream=exchange.stream,
+            max_duration_ms=target.max_request_duration_ms,
+            api_key=target.upstream_api_key,
+            request_id=exchange.request_id,
+            relay=relay,
+        )
+    finally:
+        gw.dispatcher.release(lease)
+        exchange.status = relay.status
+        exchange.tokens = relay.tokens
+        exchange.client_gone = relay.client_gone
+        exchange.upstream_failed = relay.upstream_failed
+
+
+async def read_body(request: web.Request, *, limit: int, timeout_ms: int) -> bytes:
+    """The whole body, refused when larger than `limit` (413) or slower than `timeout_ms` (408)."""
+    too_large = f"Body too large or error: length limit exceeded ({limit} bytes)"
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.PayloadTooLarge(too_large)
+    try:
+        if request.content.is_eof():  # all of it arrived with the headers: nothing to wait for
+            return await request.read()
+        async with asyncio.timeout(timeout_ms / 1000):
+            return await request.read()
+    except TimeoutError:
+        raise errors.RequestTimeout("Request body read timed out") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.PayloadTooLarge(too_large) from None
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise errors.InvalidRequest("Invalid JSON") from None
+    if not isinstance(document, dict):
+        raise errors.InvalidRequest("Request body must be a JSON object")
+    return document
+
+
+def requested_model(document: dict[str, Any], *, default_model: str | None) -> str:
+    """Only an absent `model` takes the default; a present one must be a non-empty string."""
+    if "model" not in document:
+        if default_model:
+            return default_model
+        raise errors.InvalidRequest(
+            "'model' is required: the request names no model and no default_model is configured", param="model"
+        )
+    model = document["model"]
+    if not isinstance(model, str) or not model:
+        raise errors.InvalidRequest("'model' must be a non-empty string", param="model")
+    return model
+
+
+def check_hops(request: web.Request, *, max_hops: int) -> None:
+    raw = request.headers.get(HOPS_HEADER)
+    if raw is None:
+        return
+    try:
+        hops = int(raw)
+    except ValueError:
+        raise errors.InvalidRequest("Invalid x-llama-mesh-hops header value") from None
+    if hops < 0:
+        raise errors.InvalidRequest("Invalid x-llama-mesh-hops header value")
+    if hops > max_hops:
+        raise errors.InvalidRequest("Too many hops (loop detected)")
+
+
+def check_endpoint(target: catalog.Target, endpoint: catalog.Capability, requested: str) -> None:
+    """The seed's rules: text endpoints never reach embedding/rerank profiles, and vice versa."""
+    if endpoint is target.capability:
+        return
+    if endpoint is catalog.Capability.EMBEDDINGS:
+        raise errors.ModelNotFound(f"Model '{requested}' is not configured for embeddings", param="model")
+    if endpoint is catalog.Capability.RERANK:
+        raise errors.ModelNotFound(f"Model '{requested}' is not configured for reranking", param="model")
+    raise errors.InvalidRequest(f"Model '{requested}' is restricted to embeddings or rerank endpoints", param="model")

@@ -1,0 +1,338 @@
+"""Admission: which instance serves a request, who waits in which queue, and when to ask for an instance.
+
+A `Board` is one gateway's bookkeeping, keyed by `model:profile` (a *pool*): the instances that can take
+requests (READY, not draining), those still coming (pending to starting, or asked for and not yet seen),
+the slots this gateway holds on each instance, and one FIFO queue per pool. Rules (the seed's):
+
+- an instance has a free slot while this gateway's in-flight count on it is below
+  `max_concurrent_requests_per_instance` (0 = unlimited); of those, the one with the fewest in flight wins;
+- no bypass: while anyone waits in a pool's queue, newcomers queue behind them. A freed slot or a newly
+  READY instance is granted to the head of the queue at once, so a free slot never coexists with waiters;
+- when nothing is free, a newcomer queues if the pool's queue (`max_queue_size`, 0 = unlimited) and the
+  gateway's total (`max_total_queue_entries`, 0 = unlimited) have room, else it is rejected (queue_full);
+- a new instance is asked for when the instances still coming cannot absorb the queue and the pool is below
+  `max_instances`; an instance that fails before ever becoming READY while nothing else is live fails the
+  whole queue (spawn_failures_exhausted); a pool that loses its instances any other way asks for a new one;
+- draining rejects newcomers and fails every waiter.
+
+Pure: no I/O, no clock, no asyncio. Waiting, timeouts and store writes are `dispatch`'s; every method here
+returns what the caller must do (grant, fail, create) and never does it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import itertools
+import math
+from collections.abc import Callable, Collection, Iterable, Sequence
+
+NameFactory = Callable[[], str]
+"""Makes the name of an instance this gateway asks for (called only when one is asked for)."""
+
+
+class RejectReason(enum.Enum):
+    QUEUE_FULL = "full"
+    GLOBAL_LIMIT = "global_limit"
+    NO_CAPACITY = "no_capacity"
+    DRAINING = "draining"
+
+
+class FailReason(enum.Enum):
+    """Why waiters were turned away after they had queued."""
+
+    SPAWN_FAILED = "spawn_failed"
+    CREATE_FAILED = "create_failed"
+    PROFILE_GONE = "profile_gone"
+    DRAINING = "draining"
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A pool's limits, resolved from its profile and the node's model_defaults."""
+
+    max_concurrent: int
+    max_queue: int
+    max_instances: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    ticket: int
+    instance: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    ticket: int
+    spawn: str | None  # the name of an instance the caller must create, if one was asked for
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    reason: RejectReason
+
+
+Decision = Admitted | Queued | Rejected
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    ticket: int
+    instance: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    ticket: int
+    reason: FailReason
+
+
+@dataclasses.dataclass(frozen=True)
+class Spawn:
+    pool: str
+    name: str
+
+
+@dataclasses.dataclass
+class Changes:
+    """What the caller must do after a release or a change of the world."""
+
+    grants: list[Grant] = dataclasses.field(default_factory=list)
+    failures: list[Failure] = dataclasses.field(default_factory=list)
+    spawns: list[Spawn] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.grants or self.failures or self.spawns)
+
+    def extend(self, other: Changes) -> None:
+        self.grants += other.grants
+        self.failures += other.failures
+        self.spawns += other.spawns
+
+
+@dataclasses.dataclass
+class _Pool:
+    policy: Policy
+    routable: list[str] = dataclasses.field(default_factory=list)  # READY and not draining, catalog order
+    starting: set[str] = dataclasses.field(default_factory=set)  # live, not ready yet
+    requested: set[str] = dataclasses.field(default_factory=set)  # asked for by us, not seen yet
+    queue: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+
+    @property
+    def live(self) -> int:
+        return len(self.routable) + len(self.starting) + len(self.requested)
+
+    def coming_capacity(self) -> float:
+        coming = len(self.starting) + len(self.requested)
+        if coming == 0:
+            return 0
+        return math.inf if self.policy.max_concurrent == 0 else coming * self.policy.max_concurrent
+
+
+class Board:
+    """One gateway's admission state. Not thread-safe; one event loop drives it."""
+
+    def __init__(self, *, max_total_queue: int) -> None:
+        self.max_total_queue = max_total_queue
+        self.draining = False
+        self._pools: dict[str, _Pool] = {}
+        self._in_flight: dict[str, int] = {}  # instance → slots held (granted or serving)
+        self._waiting: dict[int, str] = {}  # ticket → pool
+        self._held: dict[int, tuple[str, str]] = {}  # ticket → (pool, instance)
+        self._tickets = itertools.count(1)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def admit(self, pool_key: str, policy: Policy, *, name_factory: NameFactory) -> Decision:
+        """A new request for `pool_key`: serve it now, queue it (maybe asking for an instance), or refuse it."""
+        if self.draining:
+            return Rejected(RejectReason.DRAINING)
+        pool = self._pool(pool_key, policy)
+        pool.policy = policy
+        ticket = next(self._tickets)
+        if not pool.queue:
+            instance = self._free_instance(pool)
+            if instance is not None:
+                self._hold(ticket, pool_key, instance)
+                return Admitted(ticket, instance)
+        if pool.live == 0 and policy.max_instances == 0:
+            return Rejected(RejectReason.NO_CAPACITY)
+        if policy.max_queue and len(pool.queue) >= policy.max_queue:
+            return Rejected(RejectReason.QUEUE_FULL)
+        if self.max_total_queue and len(self._waiting) >= self.max_total_queue:
+            return Rejected(RejectReason.GLOBAL_LIMIT)
+        pool.queue.append(ticket)
+        self._waiting[ticket] = pool_key
+        return Queued(ticket, self._maybe_spawn(pool, name_factory))
+
+    def release(self, ticket: int) -> Changes:
+        """A request that held a slot finished: the slot goes to the head of its pool's queue."""
+        held = self._held.pop(ticket, None)
+        if held is None:
+            return Changes()
+        pool_key, instance = held
+        remaining = self._in_flight[instance] - 1
+        if remaining:
+            self._in_flight[instance] = remaining
+        else:
+            del self._in_flight[instance]
+        pool = self._pools.get(pool_key)
+        return self._grant(pool) if pool is not None else Changes()
+
+    def withdraw(self, ticket: int) -> Changes:
+        """A request gave up (timeout, disconnect, error): leave the queue, or give back a granted slot."""
+        pool_key = self._waiting.pop(ticket, None)
+        if pool_key is not None:
+            self._pools[pool_key].queue.remove(ticket)
+            return Changes()
+        return self.release(ticket)
+
+    def want_instance(self, pool_key: str, policy: Policy, *, name_factory: NameFactory) -> str | None:
+        """Prewarm: ask for an instance if the pool has none live (and may have one)."""
+        pool = self._pool(pool_key, policy)
+        pool.policy = policy
+        if self.draining or pool.live or policy.max_instances == 0:
+            return None
+        name = name_factory()
+        pool.requested.add(name)
+        return name
+
+    # --- the world changes --------------------------------------------------------------------
+
+    def set_instances(
+        self,
+        pool_key: str,
+        policy: Policy,
+        *,
+        routable: Sequence[str],
+        starting: Iterable[str],
+        known: Collection[str],
+        failed_unready: bool,
+        name_factory: NameFactory,
+    ) -> Changes:
+        """The catalog's view of a pool changed.
+
+        `routable`: READY, not draining; `starting`: live but not ready; `known`: every instance of the pool
+        the catalog holds, whatever its phase (asked-for instances it holds are no longer "requested");
+        `failed_unready`: an instance of this pool just failed without ever having been READY.
+        """
+        pool = self._pool(pool_key, policy)
+        pool.policy = policy
+        pool.routable = list(routable)
+        pool.starting = set(starting)
+        pool.requested.difference_update(known)
+        changes = self._grant(pool)
+        if pool.queue and pool.live == 0:
+            if failed_unready:
+                changes.extend(self._fail_queue(pool, FailReason.SPAWN_FAILED))
+            else:
+                name = self._maybe_spawn(pool, name_factory)
+                if name is not None:
+                    changes.spawns.append(Spawn(pool_key, name))
+        return changes
+
+    def create_failed(self, pool_key: str, name: str) -> Changes:
+        """Asking the store for instance `name` failed; if nothing else is coming, the queue cannot be served."""
+        pool = self._pools.get(pool_key)
+        if pool is None:
+            return Changes()
+        pool.requested.discard(name)
+        if pool.queue and pool.live == 0:
+            return self._fail_queue(pool, FailReason.CREATE_FAILED)
+        return Changes()
+
+    def forget(self, pool_key: str) -> Changes:
+        """The profile is gone: its waiters cannot be served. Slots held on its instances stay counted."""
+        pool = self._pools.pop(pool_key, None)
+        if pool is None:
+            return Changes()
+        return self._fail_queue(pool, FailReason.PROFILE_GONE)
+
+    def drain(self) -> Changes:
+        """Shutdown: refuse newcomers from now on and turn every waiter away."""
+        self.draining = True
+        changes = Changes()
+        for pool in self._pools.values():
+            changes.extend(self._fail_queue(pool, FailReason.DRAINING))
+        return changes
+
+    # --- views --------------------------------------------------------------------------------
+
+    def in_flight(self, instance: str) -> int:
+        return self._in_flight.get(instance, 0)
+
+    def in_flight_by_instance(self) -> dict[str, int]:
+        return dict(self._in_flight)
+
+    def queue_length(self, pool_key: str | None = None) -> int:
+        if pool_key is None:
+            return len(self._waiting)
+        pool = self._pools.get(pool_key)
+        return len(pool.queue) if pool is not None else 0
+
+    def queue_lengths(self) -> dict[str, int]:
+        return {key: len(pool.queue) for key, pool in self._pools.items() if pool.queue}
+
+    def requested(self, pool_key: str) -> frozenset[str]:
+        pool = self._pools.get(pool_key)
+        return frozenset(pool.requested) if pool is not None else frozenset()
+
+    def is_waiting(self, ticket: int) -> bool:
+        return ticket in self._waiting
+
+    def holds(self, ticket: int) -> str | None:
+        held = self._held.get(ticket)
+        return held[1] if held is not None else None
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _pool(self, pool_key: str, policy: Policy) -> _Pool:
+        pool = self._pools.get(pool_key)
+        if pool is None:
+            pool = self._pools[pool_key] = _Pool(policy)
+        return pool
+
+    def _free_instance(self, pool: _Pool) -> str | None:
+        limit = pool.policy.max_concurrent
+        best: str | None = None
+        best_load = 0
+        for instance in pool.routable:
+            load = self._in_flight.get(instance, 0)
+            if (limit == 0 or load < limit) and (best is None or load < best_load):
+                best, best_load = instance, load
+        return best
+
+    def _hold(self, ticket: int, pool_key: str, instance: str) -> None:
+        self._held[ticket] = (pool_key, instance)
+        self._in_flight[instance] = self._in_flight.get(instance, 0) + 1
+
+    def _grant(self, pool: _Pool) -> Changes:
+        changes = Changes()
+        while pool.queue:
+            instance = self._free_instance(pool)
+            if instance is None:
+                break
+            ticket = pool.queue.popleft()
+            pool_key = self._waiting.pop(ticket)
+            self._hold(ticket, pool_key, instance)
+            changes.grants.append(Grant(ticket, instance))
+        return changes
+
+    def _maybe_spawn(self, pool: _Pool, name_factory: NameFactory) -> str | None:
+        if self.draining or pool.live >= pool.policy.max_instances:
+            return None
+        if pool.coming_capacity() >= len(pool.queue):
+            return None
+        name = name_factory()
+        pool.requested.add(name)
+        return name
+
+    def _fail_queue(self, pool: _Pool, reason: FailReason) -> Changes:
+        changes = Changes()
+        while pool.queue:
+            ticket = pool.queue.popleft()
+            del self._waiting[ticket]
+            changes.failures.append(Failure(ticket, reason))
+        return changes

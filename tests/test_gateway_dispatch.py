@@ -1,0 +1,236 @@
+"""Admission with waiting, over a MemoryStore, without HTTP or child processes (`dispatch`, `following`).
+
+Covers: a request with no instance creates a Pending LlamaInstance (name, spec, owner, reason) and is
+served once it is READY; the catalog follows instance phases; a queue wait past `max_wait_in_queue_ms`
+is a queue_timeout (counted, queue left); a waiter cancelled (client gone) leaves at once and leaks no
+slot; a failed start fails every waiter with spawn_failures_exhausted, while a crash after READY asks
+for a replacement; draining and a removed model turn waiters away; max_instances 0 is no_capacity;
+prewarm; usage is published only when it changes, and at once when an instance we use is drained;
+instance names are DNS-1123 safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+
+import gateway_support as gs
+from llamesh_api import resources, store
+from llamesh_proxy import catalog, dispatch, errors, following, gateway
+
+DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@contextlib.asynccontextmanager
+async def running(*models: resources.LlamaModel, **settings: object) -> AsyncIterator[gateway.Gateway]:
+    memory = store.MemoryStore()
+    for item in models or (gs.model("m", gs.profile(max_instances=1)),):
+        await memory.create(item)
+    node_config = gs.node_config(model_defaults={"max_concurrent_requests_per_instance": 1}, **settings)
+    gw = gateway.Gateway(node_config, store=memory, gateway_id="gw-1", node_name=gs.NODE)
+    await following.prime(gw)
+    tasks = [asyncio.create_task(following.follow_models(gw)), asyncio.create_task(following.follow_instances(gw))]
+    try:
+        yield gw
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await gw.dispatcher.close()
+
+
+def target(gw: gateway.Gateway, key: str = "m") -> catalog.Target:
+    found = gw.catalog.resolve(key)
+    assert found is not None
+    return found
+
+
+async def test_no_instance_asks_for_one_and_the_request_is_served_once_it_is_ready() -> None:
+    async with running() as gw:
+        waiting = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+        (name,) = await gs.eventually(lambda: gs.instance_names(gw))
+        created = await gw.store.get(resources.LlamaInstance, name)
+        assert created is not None
+        assert created.spec.model == "m" and created.spec.profile == "default"
+        assert created.spec.args_hash == target(gw).args_hash
+        assert created.spec.reason is resources.Reason.DEMAND
+        assert created.status.phase is resources.Phase.PENDING
+        assert created.metadata.annotations[dispatch.REQUESTED_BY] == "gw-1"
+        model = await gw.store.get(resources.LlamaModel, "m")
+        assert model is not None
+        assert [(o.kind, o.name, o.uid) for o in created.metadata.owner_references] == [
+            ("LlamaModel", "m", model.metadata.uid)
+        ]
+        assert name.startswith("m-default-") and DNS_1123.match(name)
+
+        await gs.set_phase(gw.store, name, resources.Phase.STARTING, port=18001)
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await gs.set_phase(gw.store, name, resources.Phase.READY, port=18001)
+        lease = await asyncio.wait_for(waiting, 10)
+        assert (lease.instance, lease.url) == (name, "http://127.0.0.1:18001")
+        assert lease.queued_ms > 0
+        assert gw.board.in_flight(name) == 1
+        gw.dispatcher.release(lease)
+        assert gw.board.in_flight(name) == 0
+        assert gw.metrics.queue_wait_count == 1
+
+
+async def test_queue_wait_past_the_limit_is_a_queue_timeout() -> None:
+    async with running(gs.model("m", gs.profile(max_instances=1, max_wait_in_queue_ms=150))) as gw:
+        with pytest.raises(errors.QueueTimeout):
+            await gw.dispatcher.acquire(target(gw))
+        assert gw.board.queue_length() == 0
+        assert gw.metrics.queue_drops["timeout"] == 1
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_leaks_no_slot() -> None:
+    async with running() as gw:
+        waiting = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+        (name,) = await gs.eventually(lambda: gs.instance_names(gw))
+        assert gw.board.queue_length() == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert gw.board.queue_length() == 0
+        await gs.set_phase(gw.store, name, resources.Phase.READY, port=18002)
+        await gs.eventually(lambda: gw.catalog.url(name))
+        assert gw.board.in_flight_by_instance() == {}
+        lease = await gw.dispatcher.acquire(target(gw))  # the slot is free for the next request
+        assert lease.instance == name and lease.queued_ms == 0
+
+
+async def test_a_failed_start_fails_every_waiter() -> None:
+    async with running(gs.model("m", gs.profile(max_instances=1))) as gw:
+        waiters = [asyncio.create_task(gw.dispatcher.acquire(target(gw))) for _ in range(3)]
+        (name,) = await gs.eventually(lambda: gs.instance_names(gw))
+        await gs.set_phase(gw.store, name, resources.Phase.FAILED)
+        for waiter in waiters:
+            with pytest.raises(errors.SpawnFailuresExhausted):
+                await asyncio.wait_for(waiter, 10)
+        assert gw.board.queue_length() == 0
+
+
+async def test_a_crash_after_ready_asks_for_a_replacement_for_the_waiters() -> None:
+    async with running() as gw:
+        waiting = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+        (first,) = await gs.eventually(lambda: gs.instance_names(gw))
+        await gs.set_phase(gw.store, first, resources.Phase.READY, port=18003)
+        lease = await asyncio.wait_for(waiting, 10)
+        second_waiter = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+        await gs.eventually(lambda: gw.board.queue_length() == 1)
+        await gs.set_phase(gw.store, first, resources.Phase.FAILED)  # crashed while serving
+        names = await gs.eventually(lambda: len(gs.instance_names(gw)) == 2 and gs.instance_names(gw))
+        replacement = next(n for n in names if n != first)
+        await gs.set_phase(gw.store, replacement, resources.Phase.READY, port=18004)
+        assert (await asyncio.wait_for(second_waiter, 10)).instance == replacement
+        gw.dispatcher.release(lease)
+
+
+async def test_draining_turns_waiters_and_newcomers_away() -> None:
+    async with running() as gw:
+        waiters = [asyncio.create_task(gw.dispatcher.acquire(target(gw))) for _ in range(2)]
+        await gs.eventually(lambda: gw.board.queue_length() == 2)
+        gw.start_draining()
+        for waiter in waiters:
+            with pytest.raises(errors.Draining):
+                await asyncio.wait_for(waiter, 10)
+        with pytest.raises(errors.Draining):
+            await gw.dispatcher.acquire(target(gw))
+
+
+async def test_a_removed_model_turns_its_waiters_away() -> None:
+    async with running() as gw:
+        waiting = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+        await gs.eventually(lambda: gw.board.queue_length() == 1)
+        await gw.store.delete(resources.LlamaModel, "m")
+        with pytest.raises(errors.ModelNotFound):
+            await asyncio.wait_for(waiting, 10)
+        assert gw.catalog.resolve("m") is None
+
+
+async def test_no_instances_allowed_is_no_capacity() -> None:
+    async with running(gs.model("m", gs.profile(max_instances=0))) as gw:
+        with pytest.raises(errors.NoCapacity):
+            await gw.dispatcher.acquire(target(gw))
+        assert gs.instance_names(gw) == []
+
+
+async def test_prewarm_asks_for_one_instance_only() -> None:
+    async with running() as gw:
+        name = gw.dispatcher.prewarm(target(gw))
+        assert name is not None
+        await gs.eventually(lambda: gs.instance_names(gw) == [name])
+        created = await gw.store.get(resources.LlamaInstance, name)
+        assert created is not None and created.spec.reason is resources.Reason.PREWARM
+        assert gw.dispatcher.prewarm(target(gw)) is None
+
+
+async def test_usage_is_published_when_it_changes_and_only_then() -> None:
+    async with running() as gw:
+        waiting = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+        (name,) = await gs.eventually(lambda: gs.instance_names(gw))
+        await gs.set_phase(gw.store, name, resources.Phase.READY, port=18005)
+        lease = await asyncio.wait_for(waiting, 10)
+        published: dict[str, following.Usage] = {}
+
+        async def current() -> resources.LlamaInstance:
+            found = await gw.store.get(resources.LlamaInstance, name)
+            assert found is not None
+            return found
+
+        await following.publish_once(gw, published)
+        first = (await current()).status.usage["gw-1"]
+        assert first.in_flight == 1 and first.last_request_at is not None
+        version = (await current()).metadata.resource_version
+        await following.publish_once(gw, published)
+        assert (await current()).metadata.resource_version == version  # nothing changed, nothing written
+        gw.dispatcher.release(lease)
+        await following.publish_once(gw, published)
+        last = (await current()).status.usage["gw-1"]
+        assert last.in_flight == 0 and last.last_request_at is not None
+        assert last.last_request_at >= first.last_request_at
+
+
+def test_instance_names_are_dns_safe() -> None:
+    odd = gs.model("Org/Model_V2.5", gs.profile("Q4"))
+    found = catalog.Catalog(defaults=gs.node_config().model_defaults)
+    found.replace_models([odd])
+    (only,) = found.targets()
+    name = dispatch.instance_name(only)
+    assert DNS_1123.match(name) and len(name) <= 63
+    assert name.startswith("org-model-v2-5-q4-")
+    long = gs.model("x" * 200)
+    found.replace_models([long])
+    assert len(dispatch.instance_name(found.targets()[0])) <= 63
+
+
+async def test_a_drained_instance_hears_about_our_requests_at_once() -> None:
+    async with running() as gw:
+        publisher = asyncio.create_task(following.publish_usage(gw, interval_s=3600))
+        try:
+            waiting = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+            (name,) = await gs.eventually(lambda: gs.instance_names(gw))
+            await gs.set_phase(gw.store, name, resources.Phase.READY, port=18006)
+            lease = await asyncio.wait_for(waiting, 10)
+
+            def drain(instance: resources.LlamaInstance) -> None:
+                instance.spec.drain = True
+
+            await gw.store.update(resources.LlamaInstance, name, drain)
+
+            async def reported() -> bool:
+                current = await gw.store.get(resources.LlamaInstance, name)
+                return current is not None and current.status.in_flight == 1
+
+            await gs.eventually(reported, timeout_s=5)  # long before the hourly tick
+            assert gw.catalog.url(name) is None  # and nothing new is sent to it
+            gw.dispatcher.release(lease)
+        finally:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
