@@ -96,6 +96,14 @@ def _build_llama(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from llamesh_operator import logsetup, serve
+
+    node_config = _load_config(args)
+    logsetup.configure(node_config, config_dir=_config_dir(args))
+    return serve.run(node_config, cookbook_path=args.cookbook.resolve(), config_dir=_config_dir(args))
+
+
 def _not_yet(args: argparse.Namespace) -> int:
     print(f"error: `llamesh {args.command}` is not available in this version yet", file=sys.stderr)
     return 2
@@ -103,7 +111,7 @@ def _not_yet(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"validate": _validate, "build-llama": _build_llama}
+    handlers = {"validate": _validate, "build-llama": _build_llama, "serve": _serve}
     handler = handlers.get(args.command, _not_yet)
     try:
         return handler(args)

@@ -1,0 +1,386 @@
+"""The node agent (the kubelet of llamesh): runs the instances bound to this node and publishes the node.
+
+It talks to the other roles only through the store. It watches LlamaInstance, LlamaModel and its own
+LlamaNode into local caches and, on every change and at least every `reconcile_interval_s`, lets
+`plan.plan` compare them with the processes it runs; `InstanceRunner`s carry out starts and stops and write
+instance status. Beside that loop: a heartbeat that publishes LlamaNode status (capacity from config.yaml,
+the live binary and its build status, GPU telemetry, memory in use, learned data), a sampler that records
+peak memory per instance and per args hash (persisted in the node's metrics JSON), and rebuilds of
+llama.cpp when `spec.rebuild_requests` runs ahead of `status.rebuilds_handled`.
+
+Nothing here blocks the event loop: file writes and NVML run in worker threads, children are asyncio
+subprocesses. It does not build llama.cpp at startup (the composition root calls the build manager's
+`ensure_binary` first), decide placement or eviction (the operator), or route requests (the gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from llamesh_agent import instance_runner, learned, live_binary, node_status, plan, ports, sampling, updates
+from llamesh_api import config, resources
+from llamesh_api import store as store_api  # `store` is NodeAgent's parameter, as the callers spell it
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=resources.Resource)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """How often the agent does things; tests shorten them."""
+
+    reconcile_interval_s: float = 1.0  # a reconcile pass at least this often, besides one per watch event
+    heartbeat_interval_s: float = 5.0  # LlamaNode status at least this often, besides one per change
+    sample_interval_s: float = 10.0  # memory samples (the seed's interval)
+    drain_settle_s: float = 2.0  # gateways publish in-flight counts about once a second
+    watch_retry_s: float = 1.0  # pause before a watch that ended is started again
+    runner: instance_runner.RunnerSettings = dataclasses.field(default_factory=instance_runner.RunnerSettings)
+
+
+class NodeAgent:
+    """Runs this node's instances; see the module docstring. `run()` until `shutdown()` (or cancellation)."""
+
+    def __init__(
+        self,
+        *,
+        store: store_api.Store,
+        node_config: config.NodeConfig,
+        binary: live_binary.LlamaServerBinary,
+        state_dir: Path,
+        config_dir: Path,
+        node_name: str | None = None,
+        timings: Timings | None = None,
+        sampler: sampling.Sampler | None = None,
+        address: str = "127.0.0.1",
+        models_cache_dir: Path | None = None,
+        child_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._store = store
+        self._config = node_config
+        self._binary = binary
+        self._state_dir = state_dir
+        self.node_name = node_name or node_config.node_id
+        self._timings = timings or Timings()
+        self._sampler = sampler
+        self._address = address
+        cache_dir = config.resolve_path(node_config.llama_cpp.cache_dir, base_dir=config_dir)
+        self._models_cache_dir = models_cache_dir or cache_dir / "huggingface"
+        self._child_env = {**os.environ, **child_env} if child_env else None
+        candidates = node_config.llama_cpp_ports.candidates() if node_config.llama_cpp_ports else None
+        self._ports = ports.PortAllocator(candidates)
+        metrics_path = config.resolve_path(node_config.metrics_path, base_dir=config_dir)
+        self._learned = learned.LearnedStore(metrics_path, node_id=self.node_name)
+        self._learned_dirty = False  # learned data changed since the file was last written
+
+        self._instances: dict[str, resources.LlamaInstance] = {}
+        self._models: dict[str, resources.LlamaModel] = {}
+        self._node: resources.LlamaNode | None = None
+        self._runners: dict[str, instance_runner.InstanceRunner] = {}
+        self._runner_tasks: dict[str, asyncio.Task[None]] = {}
+        self._finished_uids: set[str] = set()
+        self._wake = asyncio.Event()
+        self._publish_soon = asyncio.Event()
+        self._sample_soon = asyncio.Event()
+        self._save_lock = asyncio.Lock()
+        self._background: list[asyncio.Task[None]] = []
+        self._rebuilds = live_binary.Rebuilds(binary, on_change=self._publish_soon.set)
+        self._usage = sampling.Sample(sysmem_mb={}, gpu=sampling.GpuSample())
+        self._shutting_down = False
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    # --- public -----------------------------------------------------------------------------------
+
+    @property
+    def learned_path(self) -> Path:
+        return self._learned.path
+
+    def runner(self, instance: str) -> instance_runner.InstanceRunner | None:
+        """The runner of an instance this agent runs now (for diagnostics and tests)."""
+        return self._runners.get(instance)
+
+    async def run(self) -> None:
+        """Publish the node and keep this node's instances converged until `shutdown()` or cancellation."""
+        await asyncio.to_thread(self._learned.load)
+        if self._sampler is None:
+            self._sampler = await asyncio.to_thread(sampling.Sampler.probe)
+        await self._publish_node()
+        self._background = [
+            asyncio.create_task(self._watch(resources.LlamaInstance, self._instances), name="agent-watch-instances"),
+            asyncio.create_task(self._watch(resources.LlamaModel, self._models), name="agent-watch-models"),
+            asyncio.create_task(self._watch_node(), name="agent-watch-node"),
+            asyncio.create_task(self._heartbeat(), name="agent-heartbeat"),
+            asyncio.create_task(self._sample_loop(), name="agent-sampler"),
+        ]
+        try:
+            while not self._shutting_down:
+                self._wake.clear()
+                try:
+                    await self._reconcile_once()
+                except Exception:  # one bad pass must not end the agent
+                    log.exception("agent reconcile failed; retrying")
+                await _wait(self._wake, self._timings.reconcile_interval_s)
+        finally:
+            await self._stop_everything()
+
+    async def shutdown(self) -> None:
+        """Mark the node draining, stop every child (SIGTERM, then SIGKILL), and end `run()`."""
+        self._shutting_down = True
+        self._wake.set()
+        await self._stop_everything()
+
+    # --- reconcile --------------------------------------------------------------------------------
+
+    async def _reconcile_once(self) -> None:
+        now = time.monotonic()
+        actions = plan.plan(
+            node_name=self.node_name,
+            instances=self._instances.values(),
+            runners={name: runner.view for name, runner in self._runners.items()},
+            finished_uids=self._finished_uids,
+            now=now,
+            drain_settle_s=self._timings.drain_settle_s,
+        )
+        for action in actions:
+            await self._apply(action, now=now)
+        if self._node is not None and not self._shutting_down:
+            self._rebuilds.request(self._node)
+
+    async def _apply(self, action: plan.Action, *, now: float) -> None:
+        match action:
+            case plan.Start(instance=name):
+                await self._start(name)
+            case plan.NoteDrain(instance=name):
+                await self._runners[name].note_drain(now)
+            case plan.Stop(instance=name, reason=reason):
+                self._runners[name].request_stop(reason, publish=True)
+            case plan.Abandon(instance=name, reason=reason):
+                self._runners[name].request_stop(reason, publish=False)
+            case plan.MarkLost(instance=name):
+                await self._mark(
+                    name,
+                    resources.Phase.FAILED,
+                    "no llama-server runs for it on this node any more (its agent restarted)",
+                )
+            case plan.MarkStopped(instance=name, reason=reason):
+                await self._mark(name, resources.Phase.STOPPED, reason)
+
+    async def _start(self, name: str) -> None:
+        instance = self._instances[name]
+        model = self._models.get(instance.spec.model)
+        profile = model.spec.profile(instance.spec.profile) if model is not None else None
+        if profile is None:
+            await self._mark(
+                name,
+                resources.Phase.FAILED,
+                f"the cookbook has no profile {instance.spec.profile!r} of model {instance.spec.model!r}",
+            )
+            return
+        runner = instance_runner.InstanceRunner(
+            instance=instance,
+            profile=profile,
+            resource_store=self._store,
+            binary_path=self._binary.binary_path,
+            llama_cpp_version=self._binary.status.llama_cpp_version,
+            port_allocator=self._ports,
+            log_dir=self._state_dir / "logs",
+            models_cache_dir=self._models_cache_dir,
+            on_params=self._learn_params,
+            settings=self._timings.runner,
+            env=self._child_env,
+        )
+        log.info("instance %s (%s): starting on %s", name, runner.display_name, self.node_name)
+        self._runners[name] = runner
+        task = asyncio.create_task(self._run_runner(runner), name=f"instance-{name}")
+        self._runner_tasks[name] = task
+        self._publish_soon.set()
+
+    async def _run_runner(self, runner: instance_runner.InstanceRunner) -> None:
+        try:
+            await runner.run()
+        except Exception:
+            log.exception("instance %s: its runner failed", runner.name)
+        finally:
+            if runner.uid is not None:
+                self._finished_uids.add(runner.uid)
+            if self._runners.get(runner.name) is runner:
+                del self._runners[runner.name]
+                self._runner_tasks.pop(runner.name, None)
+            self._publish_soon.set()
+            self._sample_soon.set()  # so the node's memory in use drops with it
+            self._wake.set()
+
+    async def _mark(self, name: str, phase: resources.Phase, message: str) -> None:
+        """A final phase for an instance no process of ours serves (only if it is not final already)."""
+        log.info("instance %s: %s (%s)", name, phase.value, message)
+        uid = self._instances[name].metadata.uid if name in self._instances else None
+
+        def mark(obj: resources.LlamaInstance) -> None:
+            if not obj.status.phase.is_terminal:
+                obj.status.phase, obj.status.message = phase, message
+                obj.status.pid = None
+                obj.status.stopped_at = store_api.utcnow()
+
+        await updates.update(self._store, resources.LlamaInstance, name, mark, uid=uid)
+        if uid is not None:
+            self._finished_uids.add(uid)
+
+    async def _stop_everything(self) -> None:
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        reason = "the node is shutting down" if self._shutting_down else "the node agent stopped"
+        self._shutting_down = True  # from here on the node is draining, and it says so first
+        with contextlib.suppress(Exception):
+            await self._publish_node()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
+        for runner in list(self._runners.values()):
+            runner.request_stop(reason, publish=True)
+        await asyncio.gather(*self._runner_tasks.values(), return_exceptions=True)
+        await self._rebuilds.close()
+        with contextlib.suppress(Exception):
+            await self._publish_node()
+        with contextlib.suppress(OSError):
+            await self._save_learned()
+        if self._sampler is not None:
+            await asyncio.to_thread(self._sampler.close)
+        self._stopped.set()
+
+    # --- watches ----------------------------------------------------------------------------------
+
+    async def _watch(self, kind: type[R], cache: dict[str, R]) -> None:
+        """Keep `cache` equal to the store's objects of `kind`; wake the reconcile loop on every change."""
+        while True:
+            try:
+                listed = await self._store.list(kind)
+                cache.clear()
+                cache.update((obj.name, obj) for obj in listed)
+                self._wake.set()
+                async for event in self._store.watch(kind):
+                    if event.type == "DELETED":
+                        cache.pop(event.object.name, None)
+                    else:
+                        cache[event.object.name] = event.object
+                    self._wake.set()
+            except Exception:  # a watch that ends (expired, connection lost) is started again
+                log.warning("watch of %s ended; starting it again", kind.kind_name, exc_info=True)
+            await asyncio.sleep(self._timings.watch_retry_s)
+
+    async def _watch_node(self) -> None:
+        while True:
+            try:
+                async for event in self._store.watch(resources.LlamaNode):
+                    if event.object.name != self.node_name:
+                        continue
+                    if event.type == "DELETED":
+                        self._node = None
+                        self._publish_soon.set()  # it is this agent's to publish: create it again
+                    else:
+                        self._node = event.object
+                        self._wake.set()  # a rebuild request is looked at in the next pass
+            except Exception:
+                log.warning("watch of LlamaNode ended; starting it again", exc_info=True)
+            await asyncio.sleep(self._timings.watch_retry_s)
+
+    # --- the node's status ------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await _wait(self._publish_soon, self._timings.heartbeat_interval_s)
+            self._publish_soon.clear()
+            try:
+                await self._publish_node()
+            except Exception:
+                log.exception("publishing LlamaNode %s failed; retrying", self.node_name)
+
+    async def _publish_node(self) -> None:
+        settings, build = self._config, self._binary.status
+        present = await asyncio.to_thread(live_binary.is_present, self._binary)
+        report = node_status.NodeReport(
+            max_vram_mb=settings.max_vram_mb,
+            max_sysmem_mb=settings.max_sysmem_mb,
+            max_instances=settings.max_instances_per_node,
+            address=self._address,
+            ready=present and not self._shutting_down,
+            draining=self._shutting_down,
+            binary_path=str(self._binary.binary_path) if present else None,
+            llama_cpp_version=build.llama_cpp_version,
+            is_building=self._rebuilds.is_building,
+            last_build_error=build.last_build_error or self._rebuilds.error,
+            last_build_at=build.last_build_at,
+            usage=self._usage,
+            active_instances=len(self._runners),
+            rebuilds_handled=self._rebuilds.handled,
+            learned=self._learned.published(build.llama_cpp_version),
+            heartbeat_at=store_api.utcnow(),
+        )
+        await node_status.publish(self._store, self.node_name, report)
+
+    # --- memory and learned data ------------------------------------------------------------------
+
+    def _learn_params(self, runner: instance_runner.InstanceRunner, params: dict[str, Any]) -> None:
+        version = self._binary.status.llama_cpp_version
+        if self._learned.learn_params(
+            runner.args_hash, display_name=runner.display_name, params=params, llama_cpp_version=version
+        ):
+            self._learned_dirty = True
+        self._sample_soon.set()  # a first memory sample right away, and a save with it
+
+    async def _sample_loop(self) -> None:
+        while True:
+            await _wait(self._sample_soon, self._timings.sample_interval_s)
+            self._sample_soon.clear()
+            try:
+                await self._sample_once()
+            except Exception:
+                log.exception("memory sampling failed; trying again later")
+
+    async def _sample_once(self) -> None:
+        sampler = self._sampler
+        if sampler is None:
+            return
+        running = {runner.name: (runner, pid) for runner in self._runners.values() if (pid := runner.pid)}
+        sample = await asyncio.to_thread(sampler.sample, [pid for _, pid in running.values()])
+        self._usage = sample
+        for runner, pid in running.values():
+            if pid not in sample.sysmem_mb:
+                continue  # it exited between listing and sampling
+            sysmem, vram = sample.sysmem_mb[pid], sample.vram_mb(pid)
+            await runner.observe_memory(sysmem_mb=sysmem, vram_mb=vram)
+            if self._learned.learn_peaks(
+                runner.args_hash, display_name=runner.display_name, sysmem_mb=sysmem, vram_mb=vram
+            ):
+                self._learned_dirty = True
+        if self._learned_dirty:
+            self._learned_dirty = False
+            await self._save_learned()
+        self._publish_soon.set()
+
+    async def _save_learned(self) -> None:
+        async with self._save_lock:
+            document = self._learned.document(llama_cpp_version=self._binary.status.llama_cpp_version)
+            await asyncio.to_thread(learned.write_atomic, self._learned.path, document)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Until `event` is set or `seconds` pass.
+
+    Not `asyncio.wait_for`: before Python 3.12 it can swallow a cancellation that arrives as the event is
+    set, and a loop built on it then never ends (python/cpython#86296).
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

@@ -1,0 +1,167 @@
+"""Memory samples of this node's llama-server processes: resident memory (psutil) and VRAM (NVML).
+
+NVML is reached through the small `Nvml` protocol (the `pynvml` module of nvidia-ml-py satisfies it), so
+tests hand in a fake. A node without NVML, or whose NVML fails to start or to answer, reports
+`available=False` and zeros: sampling never raises, because a missing GPU is a normal node, not an error.
+Per-process VRAM sums compute and graphics processes over all devices; device totals sum all devices.
+
+A sample is one blocking call (NVML and /proc reads): run it in a worker thread. Peaks, intervals and what
+to do with the numbers belong to the agent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+import psutil  # type: ignore[import-untyped]  # psutil ships no types; types-psutil is not a dependency
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+class MemoryInfo(Protocol):
+    @property
+    def total(self) -> int: ...
+
+    @property
+    def used(self) -> int: ...
+
+
+class ProcessInfo(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def usedGpuMemory(self) -> int | None: ...
+
+
+class Nvml(Protocol):
+    """The part of NVML (as `pynvml` spells it) that sampling uses."""
+
+    def nvmlDeviceGetCount(self) -> int: ...
+
+    def nvmlDeviceGetHandleByIndex(self, index: int, /) -> object: ...
+
+    def nvmlDeviceGetMemoryInfo(self, handle: object, /) -> MemoryInfo: ...
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: object, /) -> Sequence[ProcessInfo]: ...
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: object, /) -> Sequence[ProcessInfo]: ...
+
+    def nvmlShutdown(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSample:
+    available: bool = False
+    total_mb: int = 0
+    used_mb: int = 0
+    per_pid_mb: Mapping[int, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    sysmem_mb: Mapping[int, int]  # resident memory of each sampled pid that still runs
+    gpu: GpuSample
+
+    def vram_mb(self, pid: int) -> int:
+        return self.gpu.per_pid_mb.get(pid, 0)
+
+
+def load_nvml() -> Nvml | None:
+    """`pynvml`, initialised, or None where there is no NVIDIA driver (or no nvidia-ml-py)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver errors: all mean "no NVML"
+        log.info("no GPU telemetry: NVML is not available (%s)", exc)
+        return None
+    nvml: Nvml = pynvml
+    return nvml
+
+
+class Sampler:
+    """Takes samples; `close()` shuts NVML down."""
+
+    def __init__(self, nvml: Nvml | None) -> None:
+        self._nvml = nvml
+
+    @classmethod
+    def probe(cls) -> Sampler:
+        """A sampler with real NVML where this host has it."""
+        return cls(load_nvml())
+
+    @property
+    def has_nvml(self) -> bool:
+        return self._nvml is not None
+
+    def sample(self, pids: Iterable[int]) -> Sample:
+        wanted = list(pids)
+        return Sample(sysmem_mb=rss_mb(wanted), gpu=self.sample_gpu(wanted))
+
+    def sample_gpu(self, pids: Iterable[int]) -> GpuSample:
+        nvml = self._nvml
+        if nvml is None:
+            return GpuSample()
+        wanted = set(pids)
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except Exception as exc:  # an NVML error type; pynvml has many
+            log.warning("NVML stopped answering (%s); reporting no GPU telemetry", exc)
+            return GpuSample()
+        total = used = 0
+        read_any = False
+        per_pid: dict[int, int] = {}
+        for index in range(count):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            except Exception as exc:
+                log.warning("NVML cannot read GPU %d (%s); leaving it out", index, exc)
+                continue
+            read_any = True
+            total += memory.total // MIB
+            used += -(-memory.used // MIB)  # round up: a few bytes in use is not "free"
+            on_device: dict[int, int] = {}  # a process listed as compute and graphics is counted once
+            for process in _processes(nvml, handle):
+                if process.pid in wanted and process.usedGpuMemory:
+                    on_device[process.pid] = max(on_device.get(process.pid, 0), -(-process.usedGpuMemory // MIB))
+            for pid, mb in on_device.items():
+                per_pid[pid] = per_pid.get(pid, 0) + mb
+        if not read_any:
+            return GpuSample()
+        return GpuSample(available=True, total_mb=total, used_mb=used, per_pid_mb=per_pid)
+
+    def close(self) -> None:
+        nvml, self._nvml = self._nvml, None
+        if nvml is not None:
+            try:
+                nvml.nvmlShutdown()
+            except Exception as exc:
+                log.debug("NVML shutdown failed: %s", exc)
+
+
+def rss_mb(pids: Iterable[int]) -> dict[int, int]:
+    """Resident memory in MiB of each pid that still runs."""
+    found: dict[int, int] = {}
+    for pid in pids:
+        try:
+            found[pid] = psutil.Process(pid).memory_info().rss // MIB
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _processes(nvml: Nvml, handle: object) -> list[ProcessInfo]:
+    found: list[ProcessInfo] = []
+    for query in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
+        try:
+            found.extend(query(handle))
+        except Exception as exc:  # e.g. NVMLError_NotSupported on some boards
+            log.debug("NVML process query failed: %s", exc)
+    return found

@@ -1,0 +1,141 @@
+"""`llamesh serve`: gateway, node agent and operator in one process over an in-memory store (bare metal).
+
+Start order: load the cookbook into the store (a broken cookbook stops the start with its messages), make
+sure llama-server exists (build it if needed, with progress), start the agent and the operator loop, then
+open the gateway's port. Shutdown follows the seed: the first SIGTERM/SIGINT drains (readyz 503, new and
+queued requests 503 draining, in-flight ones finish) for up to `shutdown_grace_period_seconds`; a second
+signal or the end of the grace period exits; every llama-server child is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from llamesh_agent import build, node_agent
+from llamesh_api import config, store
+from llamesh_operator import controller, cookbook_sync
+from llamesh_proxy import app as gateway_app
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """`llamesh serve` could not start; the message says why and what to fix."""
+
+
+async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_dir: Path) -> None:
+    memory = store.MemoryStore()
+    cookbook_file = cookbook_sync.CookbookFile(path=cookbook_path, resource_store=memory)
+    if not await cookbook_file.load():
+        raise ServeError(str(cookbook_file.last_error))
+
+    binary = build.BuildManager(node_config.llama_cpp, base_dir=config_dir, progress=_progress)
+    try:
+        built = await binary.ensure_binary()
+    except build.BuildError as exc:
+        raise ServeError(f"llama-server is not available: {exc}") from exc
+    log.info("llama-server %s (llama.cpp %s)", built.binary_path, built.llama_cpp_version)
+
+    state_dir = config.resolve_path(node_config.llama_cpp.cache_dir, base_dir=config_dir) / "state"
+    agent = node_agent.NodeAgent(
+        store=memory, node_config=node_config, binary=binary, state_dir=state_dir, config_dir=config_dir
+    )
+    operator = controller.Controller(resource_store=memory, defaults=lambda: node_config.model_defaults)
+    app = gateway_app.create_app(
+        node_config, store=memory, gateway_id=f"{node_config.node_id}-gateway", node_name=agent.node_name
+    )
+    runner = gateway_app.make_runner(app)
+
+    tasks = [
+        asyncio.create_task(agent.run(), name="agent"),
+        asyncio.create_task(operator.run(), name="operator"),
+        asyncio.create_task(cookbook_file.watch(), name="cookbook-watch"),
+    ]
+    stop = _Signals()
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, node_config.listen_host, node_config.listen_port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {node_config.listen_addr}: {exc.strerror}; set listen_addr") from exc
+        log.info("llamesh serving the OpenAI API on http://%s/v1", node_config.listen_addr, extra={"event": "ready"})
+        print(f"llamesh: serving on http://{node_config.listen_addr}/v1", file=sys.stderr, flush=True)
+
+        await stop.first()
+        grace = node_config.shutdown_grace_period_seconds
+        log.info("draining for up to %s s (send the signal again to exit now)", grace, extra={"event": "draining"})
+        gateway_app.start_draining(app)
+        drained = asyncio.create_task(gateway_app.wait_idle(app, grace))
+        second = asyncio.create_task(stop.second())
+        await asyncio.wait({drained, second}, return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+        second.cancel()
+    finally:
+        stop.close()
+        await runner.cleanup()
+        await agent.shutdown()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("llamesh stopped", extra={"event": "stopped"})
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _Signals:
+    """SIGTERM and SIGINT as two awaitable moments: the first, and the one after it."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._received)
+
+    def _received(self) -> None:
+        self._count += 1
+        self._changed.set()
+
+    async def _at_least(self, count: int) -> None:
+        while self._count < count:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def first(self) -> None:
+        await self._at_least(1)
+
+    async def second(self) -> None:
+        await self._at_least(2)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def run(node_config: config.NodeConfig, *, cookbook_path: Path, config_dir: Path) -> int:
+    """Blocking entry point for the CLI: uvloop when installed, exit status for the shell."""
+    try:
+        import uvloop
+
+        runner: contextlib.AbstractContextManager[asyncio.Runner] = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner as loop_runner:
+        try:
+            loop_runner.run(serve(node_config, cookbook_path=cookbook_path, config_dir=config_dir))
+        except ServeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0

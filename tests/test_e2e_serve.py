@@ -1,0 +1,301 @@
+"""End to end: `llamesh serve` as a real child process, the real llama-server, tiny real GGUF models and the
+unmodified OpenAI Python SDK.
+
+Covers: the first request spawns the instance; chat (streaming and not), completions, embeddings and
+rerank; /v1/models and retrieve agree and show the parsed params; idle eviction stops llama-server;
+two concurrent requests on a 1-slot profile both succeed; a client that disconnects mid-stream leaves
+in-flight at 0 and llama-server's slot free; killing llama-server mid-stream ends the response and the
+next request respawns it; cookbook edits (in place, rename-over, broken) with no failed request on an
+untouched profile; SIGTERM drains and stops every child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import openai
+import psutil
+import pytest
+import yaml
+
+from rig import processes, waiting
+
+pytestmark = pytest.mark.real
+
+
+@dataclass
+class Node:
+    base_url: str
+    child: processes.Child
+    cookbook: Path
+    client: openai.AsyncOpenAI
+
+    def llama_servers(self) -> list[psutil.Process]:
+        return [
+            proc
+            for proc in psutil.Process(self.child.pid).children(recursive=True)
+            if "llama-server" in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE
+        ]
+
+    def llama_port(self) -> int:
+        (server,) = self.llama_servers()
+        cmdline = server.cmdline()
+        return int(cmdline[cmdline.index("--port") + 1])
+
+    async def get_json(self, path: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+        async with aiohttp.ClientSession() as session, session.get(self.base_url + path) as response:
+            return response.status, await response.json()
+
+
+def cookbook_text(chat: Path, embed: Path, rerank: Path, *, idle: int = 300, extra: str = "") -> str:
+    return f"""
+models:
+  - name: tiny
+    description: tiny llama for tests
+    profiles:
+      - id: default
+        model_path: {chat}
+        llama_server_args: "-c 1024 -np 1"
+        idle_timeout_seconds: {idle}
+      - id: embed
+        model_path: {embed}
+        llama_server_args: "--embedding -c 512"
+      - id: rerank
+        model_path: {rerank}
+        llama_server_args: "--reranking -c 512"
+{extra}"""
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, binary: Path, cookbook: str, **config_overrides: object) -> AsyncIterator[Node]:
+    port = processes.free_port()
+    node_config: dict[str, object] = {
+        "node_id": "e2e",
+        "listen_addr": f"127.0.0.1:{port}",
+        "metrics_path": str(tmp_path / "node-metrics.json"),
+        "shutdown_grace_period_seconds": 5,
+        "model_defaults": {"max_concurrent_requests_per_instance": 1, "max_instances_per_model": 1},
+        "llama_cpp": {"enabled": False, "binary_path": str(binary), "cache_dir": str(tmp_path / "cache")},
+    }
+    node_config.update(config_overrides)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(node_config))
+    cookbook_path = tmp_path / "cookbook.yaml"
+    cookbook_path.write_text(cookbook)
+    argv = [
+        str(Path(sys.executable).parent / "llamesh"),
+        "serve",
+        "--config",
+        str(config_path),
+        "--cookbook",
+        str(cookbook_path),
+    ]
+    child = processes.start(argv, log_path=tmp_path / "serve.log")
+    base_url = f"http://127.0.0.1:{port}"
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        await processes.wait_healthy(child, base_url, deadline_s=60)
+        yield Node(base_url=base_url, child=child, cookbook=cookbook_path, client=client)
+    finally:
+        await client.close()
+        await processes.stop(child, grace_s=15)
+
+
+@pytest.fixture
+def tiny_cookbook(chat_model: Path, embedding_model: Path, reranker_model: Path) -> str:
+    return cookbook_text(chat_model, embedding_model, reranker_model)
+
+
+async def test_openai_sdk_gets_every_endpoint_and_models_agree(
+    tmp_path: Path, llama_server_binary: Path, tiny_cookbook: str
+) -> None:
+    async with serving(tmp_path, llama_server_binary, tiny_cookbook) as node:
+        assert node.llama_servers() == []  # nothing runs before the first request
+        chat = await node.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+        assert chat.choices[0].message.content
+        assert chat.usage is not None and chat.usage.completion_tokens == 8
+        assert len(node.llama_servers()) == 1  # the first request spawned it
+
+        stream = await node.client.chat.completions.create(
+            model="tiny:default", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True
+        )
+        pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+        assert "".join(pieces)
+
+        completion = await node.client.completions.create(model="tiny", prompt="abc", max_tokens=4)
+        assert completion.choices[0].text
+
+        embedding = await node.client.embeddings.create(model="tiny:embed", input=["hello world"])
+        assert len(embedding.data[0].embedding) == 64
+
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                node.base_url + "/v1/rerank",
+                json={"model": "tiny:rerank", "query": "hello", "documents": ["hello there", "zebra"]},
+            ) as response,
+        ):
+            assert response.status == 200, await response.text()
+            ranked = await response.json()
+        assert len(ranked["results"]) == 2
+
+        listed = {model.id: model for model in (await node.client.models.list()).data}
+        assert set(listed) == {"tiny", "tiny:embed", "tiny:rerank"}
+        retrieved = await node.client.models.retrieve("tiny")
+        assert retrieved.id == "tiny" and retrieved.created == listed["tiny"].created
+        status, body = await node.get_json("/v1/models/tiny")
+        params = body["metadata"]["parsed_model_params"]
+        assert params["n_ctx"] == 1024 and params["n_ctx_train"] == 2048 and params["n_slots"] == 1
+        status, missing = await node.get_json("/v1/models/nope")
+        assert status == 404 and missing["error"]["type"] == "model_not_found"
+
+
+async def test_idle_instance_is_stopped(
+    tmp_path: Path, llama_server_binary: Path, chat_model: Path, embedding_model: Path, reranker_model: Path
+) -> None:
+    cookbook = cookbook_text(chat_model, embedding_model, reranker_model, idle=2)
+    async with serving(tmp_path, llama_server_binary, cookbook) as node:
+        await node.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        assert len(node.llama_servers()) == 1
+
+        async def gone() -> bool:
+            return node.llama_servers() == []
+
+        await waiting.until(gone, within=30)
+        _, body = await node.get_json("/v1/models/tiny")  # learned params outlive the instance
+        assert body["metadata"]["parsed_model_params"]["n_ctx"] == 1024
+
+
+async def test_two_requests_on_one_slot_both_succeed(
+    tmp_path: Path, llama_server_binary: Path, tiny_cookbook: str
+) -> None:
+    async with serving(tmp_path, llama_server_binary, tiny_cookbook) as node:
+        results = await asyncio.gather(
+            *(
+                node.client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": str(i)}], max_tokens=16
+                )
+                for i in range(2)
+            )
+        )
+        assert all(result.choices[0].message.content for result in results)
+        assert len(node.llama_servers()) == 1
+
+
+async def test_disconnect_mid_stream_frees_the_slot_and_a_killed_server_respawns(
+    tmp_path: Path, llama_server_binary: Path, tiny_cookbook: str
+) -> None:
+    async with serving(tmp_path, llama_server_binary, tiny_cookbook) as node:
+        await node.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        port = node.llama_port()
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 400, "stream": True}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(node.base_url + "/v1/chat/completions", json=body) as response:
+                assert response.status == 200
+                await response.content.readany()  # the stream started; now walk away
+
+            async def slot_free() -> bool:
+                async with session.get(f"http://127.0.0.1:{port}/slots") as slots:
+                    return not any(slot["is_processing"] for slot in await slots.json())
+
+            await waiting.until(slot_free, within=10)
+
+            async def gateway_idle() -> bool:
+                async with session.get(node.base_url + "/metrics/json") as metrics:
+                    return (await metrics.json())["current_requests"] == 0
+
+            await waiting.until(gateway_idle, within=10)
+
+            # kill llama-server in the middle of a stream: the response ends, the next request respawns
+            async with session.post(node.base_url + "/v1/chat/completions", json=body) as response:
+                await response.content.readany()
+                (server,) = node.llama_servers()
+                server.kill()
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    async with asyncio.timeout(10):
+                        await response.read()
+        again = await node.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        assert again.choices[0].message.content is not None
+        assert len(node.llama_servers()) == 1 and node.llama_port() != 0
+
+
+async def test_cookbook_edits_never_fail_requests_on_untouched_profiles(
+    tmp_path: Path, llama_server_binary: Path, chat_model: Path, embedding_model: Path, reranker_model: Path
+) -> None:
+    base = cookbook_text(chat_model, embedding_model, reranker_model)
+    extra = f"""  - name: other
+    profiles:
+      - id: default
+        model_path: {chat_model}
+        llama_server_args: "-c 512"
+"""
+    async with serving(tmp_path, llama_server_binary, base) as node:
+        failures: list[BaseException] = []
+        served = 0
+        stop = asyncio.Event()
+
+        async def keep_asking() -> None:
+            nonlocal served
+            while not stop.is_set():
+                try:
+                    await node.client.chat.completions.create(
+                        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+                    )
+                    served += 1
+                except openai.OpenAIError as exc:
+                    failures.append(exc)
+
+        asker = asyncio.create_task(keep_asking())
+
+        async def listed(ids: set[str]) -> bool:
+            _, body = await node.get_json("/v1/models")
+            return {model["id"] for model in body["data"]} == ids
+
+        # in place: a model added
+        node.cookbook.write_text(base + extra)
+        await waiting.until(lambda: listed({"tiny", "tiny:embed", "tiny:rerank", "other"}), within=15)
+        # broken: refused, everything keeps serving
+        node.cookbook.write_text(base + "  - name: [\n")
+        await asyncio.sleep(1.0)
+        assert await listed({"tiny", "tiny:embed", "tiny:rerank", "other"})
+        assert "cookbook not reloaded" in node.child.log_text()
+        # rename-over: the embed profile removed
+        replacement = tmp_path / "cookbook.yaml.new"
+        replacement.write_text(base.replace("      - id: embed", "      - id: embed\n        enabled: false") + extra)
+        os.replace(replacement, node.cookbook)
+        await waiting.until(lambda: listed({"tiny", "tiny:rerank", "other"}), within=15)
+
+        stop.set()
+        await asyncio.wait_for(asker, 60)
+        assert failures == []
+        assert served > 0
+
+
+async def test_sigterm_drains_and_stops_every_child(
+    tmp_path: Path, llama_server_binary: Path, tiny_cookbook: str
+) -> None:
+    async with serving(tmp_path, llama_server_binary, tiny_cookbook) as node:
+        await node.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        (server,) = node.llama_servers()
+        os.kill(node.child.pid, signal.SIGTERM)
+        exit_code = await processes.wait_exited(node.child, deadline_s=30)
+        assert exit_code == 0, node.child.log_text()[-3000:]
+        assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
