@@ -3,7 +3,8 @@
 Covers: `--host 127.0.0.1 --port N` appended after the profile's effective args unless the profile pins
 them (the seed's "Default Arguments"); where the node reaches the instance (loopback for wildcards);
 a bad pinned port refused with the fix; LD_LIBRARY_PATH led by the real binary's folder (symlink resolved),
-kept after; a Hugging Face source found in either flag form and swapped for `-m <file>`.
+kept after; a Hugging Face source found in either flag form and swapped for `-m <file>`; `~` and relative
+model paths resolved against the config folder.
 """
 
 from __future__ import annotations
@@ -59,3 +60,19 @@ def test_hugging_face_source_is_swapped_for_the_file() -> None:
     assert launch.hf_source(in_args) == launch.HfSource(repo="org/repo:Q8_0", filename=None)
     assert launch.with_local_model(in_args, Path("/m")) == ["-ngl", "99", "-m", "/m"]
     assert launch.hf_source(["-m", "/m"]) is None
+
+
+def test_model_paths_expand_home_and_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    home = str(Path("~").expanduser())
+    args = ["-m", "~/models/a.gguf", "--alias", "x", "--model=rel/b.gguf", "-c", "0"]
+    assert launch.with_resolved_model_path(args, base_dir=tmp_path) == [
+        "-m",
+        f"{home}/models/a.gguf",
+        "--alias",
+        "x",
+        f"--model={tmp_path}/rel/b.gguf",
+        "-c",
+        "0",
+    ]
+    absolute = ["-m", "/abs/c.gguf"]
+    assert launch.with_resolved_model_path(absolute, base_dir=tmp_path) == absolute

@@ -592,7 +592,8 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), _TERMINATE_GRACE_S)
+            async with asyncio.timeout(_TERMINATE_GRACE_S):  # not wait_for: it can swallow a cancel on 3.11
+                await proc.wait()
             return
 
 

@@ -55,6 +55,7 @@ class InstanceRunner:
         profile: cookbook.Profile,
         resource_store: store.Store,
         binary_path: Path,
+        model_dir: Path,
         llama_cpp_version: str | None,
         port_allocator: ports.PortAllocator,
         log_dir: Path,
@@ -74,6 +75,7 @@ class InstanceRunner:
         self._profile = profile
         self._store = resource_store
         self._binary = binary_path
+        self._model_dir = model_dir  # relative model paths are taken from here (the config's folder)
         self._version = llama_cpp_version
         self._ports = port_allocator
         self._log_path = log_dir / f"{instance.name}.log"
@@ -163,7 +165,7 @@ class InstanceRunner:
                 f"no llama-server binary at {self._binary}; the node's llama.cpp build has not finished or failed"
             )
             return
-        args = self._profile.effective_args()
+        args = launch.with_resolved_model_path(self._profile.effective_args(), base_dir=self._model_dir)
         budget = float(self._profile.startup_timeout())
         source = launch.hf_source(args)
         if source is not None:

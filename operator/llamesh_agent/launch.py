@@ -95,3 +95,31 @@ def with_local_model(args: Sequence[str], model_path: Path) -> list[str]:
             continue
         kept.append(word)
     return [*kept, "-m", str(model_path)]
+
+
+def with_resolved_model_path(args: Sequence[str], *, base_dir: Path) -> list[str]:
+    """`args` with the `-m`/`--model` file's `~` expanded and a relative path taken from `base_dir`.
+
+    Cookbook paths are written relative to the config's folder (the seed's rule), and llama-server
+    would read them relative to its own working directory and never expand `~`.
+    """
+    resolved: list[str] = []
+    expect_path = False
+    for word in args:
+        if expect_path:
+            resolved.append(str(_resolve(word, base_dir)))
+            expect_path = False
+        elif word in launch_args.MODEL_FLAGS:
+            resolved.append(word)
+            expect_path = True
+        elif any(word.startswith(flag + "=") for flag in launch_args.MODEL_FLAGS):
+            flag, _, value = word.partition("=")
+            resolved.append(f"{flag}={_resolve(value, base_dir)}")
+        else:
+            resolved.append(word)
+    return resolved
+
+
+def _resolve(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path

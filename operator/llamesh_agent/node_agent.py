@@ -68,6 +68,7 @@ class NodeAgent:
         self._config = node_config
         self._binary = binary
         self._state_dir = state_dir
+        self._config_dir = config_dir
         self.node_name = node_name or node_config.node_id
         self._timings = timings or Timings()
         self._sampler = sampler
@@ -190,6 +191,7 @@ class NodeAgent:
             profile=profile,
             resource_store=self._store,
             binary_path=self._binary.binary_path,
+            model_dir=self._config_dir,
             llama_cpp_version=self._binary.status.llama_cpp_version,
             port_allocator=self._ports,
             log_dir=self._state_dir / "logs",

@@ -63,8 +63,10 @@ class Controller:
                     await self.reconcile_once()
                 except Exception:  # the loop must survive anything one pass hits
                     log.exception("operator reconcile failed; retrying")
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (cpython#86296)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await self._wake.wait()
         finally:
             for task in watchers:
                 task.cancel()
