@@ -7,7 +7,8 @@ served one after the other; a full queue (503 queue_full, Retry-After 5); a queu
 (503 queue_timeout); a client that disconnects while queued, before the response headers, or mid-stream
 (in-flight back to 0 in the gateway and in the fake's /slots); an upstream that crashes mid-stream (the
 client sees a truncated stream) or before answering (502 upstream_error); a spawn that fails (503
-spawn_failures_exhausted, Retry-After 30); max_request_duration_ms; the graceful drain (waiters 503
+spawn_failures_exhausted, Retry-After 30); max_request_duration_ms; an unreachable READY instance routed
+around; the graceful drain (waiters 503
 draining, in-flight requests finish, wait_idle); usage published to the store.
 """
 
@@ -30,6 +31,7 @@ from openai.types.chat import ChatCompletionMessageParam
 import gateway_support as gs
 from llamesh_api import resources, store
 from llamesh_proxy import app as gateway_app
+from rig import processes
 
 pytestmark = pytest.mark.slow
 
@@ -405,3 +407,29 @@ async def test_make_runner_cancels_the_handler_of_a_client_that_leaves(tmp_path:
         with contextlib.suppress(asyncio.CancelledError):
             await agent_task
         await agent.close()
+
+
+async def test_an_unreachable_ready_instance_is_routed_around(tmp_path: Path) -> None:
+    """An instance that died a moment ago still looks READY; the request goes to another one instead."""
+    models = [gs.model("m", gs.profile(max_instances=2))]
+    async with gs.running_gateway(tmp_path, models=models, agent=False) as h:
+        port = processes.free_port()
+        live = processes.start(processes.fake_llama_server_argv("--port", str(port)), log_path=tmp_path / "live.log")
+        try:
+            await processes.wait_healthy(live, f"http://127.0.0.1:{port}")
+            for name, instance_port in (("dead", processes.free_port()), ("live", port)):
+                await h.store.create(
+                    resources.LlamaInstance(
+                        metadata=resources.ObjectMeta(name=name),
+                        spec=resources.InstanceSpec(model="m", profile="default", args_hash="x", node_name=gs.NODE),
+                    )
+                )
+                await gs.set_phase(h.store, name, resources.Phase.READY, port=instance_port)
+            await gs.eventually(lambda: len(h.gw.catalog.pool_view("m:default").routable) == 2)
+            for _ in range(3):
+                status, _, _ = await chat(h)
+                assert status == 200
+            assert h.gw.catalog.pool_view("m:default").routable == ["live"]
+            await settled(h)
+        finally:
+            await processes.stop(live)

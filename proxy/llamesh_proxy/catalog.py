@@ -110,6 +110,7 @@ class Catalog:
         self._targets: dict[str, Target] = {}
         self._instances: dict[str, resources.LlamaInstance] = {}
         self._urls: dict[str, str] = {}
+        self._unreachable: dict[str, str | None] = {}  # instance → the resource_version that failed to answer
         self._pools: dict[str, dict[str, None]] = {}  # pool → instance names, in arrival order
         self._nodes: dict[str, resources.LlamaNode] = {}
 
@@ -214,10 +215,26 @@ class Catalog:
         names = self._pools.get(pool, {})
         instances = [self._instances[name] for name in names]
         return PoolView(
-            routable=[i.name for i in instances if is_routable(i)],
+            routable=[i.name for i in instances if is_routable(i) and not self._is_unreachable(i)],
             starting=[i.name for i in instances if is_starting(i)],
             known=list(names),
         )
+
+    def mark_unreachable(self, name: str) -> str | None:
+        """This gateway could not connect to `name`: stop routing to it until its status changes.
+
+        Closes the window between an instance dying and its agent reporting it (milliseconds, more under
+        load). Any newer version of the instance (a status write) lifts the mark. Returns its pool.
+        """
+        instance = self._instances.get(name)
+        if instance is None:
+            return None
+        self._unreachable[name] = instance.metadata.resource_version
+        return pool_key(instance.spec.model, instance.spec.profile)
+
+    def _is_unreachable(self, instance: resources.LlamaInstance) -> bool:
+        marked = self._unreachable.get(instance.name)
+        return marked is not None and marked == instance.metadata.resource_version
 
     def pools(self) -> list[str]:
         return list(self._pools)
@@ -234,6 +251,7 @@ class Catalog:
     def _forget_instance(self, name: str) -> None:
         previous = self._instances.pop(name, None)
         self._urls.pop(name, None)
+        self._unreachable.pop(name, None)
         if previous is not None:
             pool = pool_key(previous.spec.model, previous.spec.profile)
             members = self._pools.get(pool)

@@ -102,6 +102,12 @@ class Dispatcher:
         self.last_request_at[lease.instance] = time.time()
         self._apply(self.board.release(lease.ticket))
 
+    def unreachable(self, lease: Lease) -> None:
+        """The leased instance refused or dropped the connection before answering: route around it."""
+        pool = self.catalog.mark_unreachable(lease.instance)
+        if pool is not None:
+            self.refresh(pool)
+
     def refresh(self, pool: str, *, failed_unready: bool = False) -> None:
         """The catalog's view of `pool` changed: grant, fail or spawn as the board says."""
         target = self.catalog.target(pool)

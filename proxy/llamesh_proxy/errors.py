@@ -117,6 +117,10 @@ class UpstreamError(GatewayError):
     error_type = "upstream_error"
 
 
+class UpstreamUnreachable(UpstreamError):
+    """No answer at all: the connection was refused or dropped before a response began (safe to retry)."""
+
+
 class Unavailable(GatewayError):
     """503s: the request was fine, the gateway cannot serve it now."""
 

@@ -24,6 +24,7 @@ from aiohttp import web
 from llamesh_proxy import catalog, errors, forwarder, gateway, metrics, requestlog
 
 HOPS_HEADER = "X-Llama-Mesh-Hops"
+UNREACHABLE_RETRIES = 2  # attempts after the first when an instance cannot be reached at all
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; only ever seen in our log line
 
 
@@ -101,27 +102,37 @@ async def _forward(
     body: bytes,
     exchange: requestlog.Exchange,
 ) -> web.StreamResponse:
-    """Hold a slot (now or after queueing) for as long as the relay runs, whatever ends it."""
-    lease = await gw.dispatcher.acquire(target)
-    exchange.instance, exchange.queued_ms = lease.instance, lease.queued_ms
-    relay = forwarder.Relay()
-    try:
-        return await gw.forwarder.relay(
-            request,
-            base_url=lease.url,
-            body=body,
-            stream=exchange.stream,
-            max_duration_ms=target.max_request_duration_ms,
-            api_key=target.upstream_api_key,
-            request_id=exchange.request_id,
-            relay=relay,
-        )
-    finally:
-        gw.dispatcher.release(lease)
-        exchange.status = relay.status
-        exchange.tokens = relay.tokens
-        exchange.client_gone = relay.client_gone
-        exchange.upstream_failed = relay.upstream_failed
+    """Hold a slot (now or after queueing) for as long as the relay runs, whatever ends it.
+
+    An instance that cannot be reached at all (it died a moment ago and its agent has not said so yet)
+    is routed around and the request tried again, since nothing was generated for it.
+    """
+    for attempt in range(UNREACHABLE_RETRIES + 1):
+        lease = await gw.dispatcher.acquire(target)
+        exchange.instance, exchange.queued_ms = lease.instance, exchange.queued_ms + lease.queued_ms
+        relay = forwarder.Relay()
+        try:
+            return await gw.forwarder.relay(
+                request,
+                base_url=lease.url,
+                body=body,
+                stream=exchange.stream,
+                max_duration_ms=target.max_request_duration_ms,
+                api_key=target.upstream_api_key,
+                request_id=exchange.request_id,
+                relay=relay,
+            )
+        except errors.UpstreamUnreachable:
+            if attempt == UNREACHABLE_RETRIES:
+                raise
+            gw.dispatcher.unreachable(lease)
+        finally:
+            gw.dispatcher.release(lease)
+            exchange.status = relay.status
+            exchange.tokens = relay.tokens
+            exchange.client_gone = relay.client_gone
+            exchange.upstream_failed = relay.upstream_failed
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 async def read_body(request: web.Request, *, limit: int, timeout_ms: int) -> bytes:
