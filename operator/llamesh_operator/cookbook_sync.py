@@ -74,11 +74,16 @@ class CookbookFile:
 
     async def watch(self, *, debounce_ms: int = 100) -> None:
         """Reload on every change to the file (until cancelled)."""
-        folder = self.path.parent
         name = self.path.name
-        async for changes in watchfiles.awatch(folder, debounce=debounce_ms, recursive=False):
-            if any(Path(changed).name == name for _change, changed in changes):
-                await self.load()
+
+        def is_cookbook(_change: watchfiles.Change, changed: str) -> bool:
+            return Path(changed).name == name
+
+        # The folder, not the file: an editor's rename-over save replaces the file the watch would hold.
+        async for _changes in watchfiles.awatch(
+            self.path.parent, watch_filter=is_cookbook, debounce=debounce_ms, recursive=False
+        ):
+            await self.load()
 
     async def _apply(self, book: cookbook.Cookbook) -> None:
         changes = diff_models(book, await self._store.list(resources.LlamaModel))

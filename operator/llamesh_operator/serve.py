@@ -61,7 +61,8 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
     stop = _Signals()
     try:
         await runner.setup()
-        site = web.TCPSite(runner, node_config.listen_host, node_config.listen_port, reuse_address=True)
+        # A deep backlog: a burst of clients connecting at once must not see dropped SYNs (1 s retries).
+        site = web.TCPSite(runner, node_config.listen_host, node_config.listen_port, reuse_address=True, backlog=1024)
         try:
             await site.start()
         except OSError as exc:
