@@ -17,5 +17,6 @@ echo "== ruff"
 .venv/bin/ruff format --check .
 echo "== mypy --strict"
 .venv/bin/mypy
+(cd bench && ../.venv/bin/mypy --strict --ignore-missing-imports ./*.py)
 echo "== pytest"
 exec .venv/bin/pytest "$@"

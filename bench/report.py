@@ -1,0 +1,148 @@
+"""The benchmark's arithmetic and its report: medians over rounds, the budget checks, the printed table.
+
+Pure functions of the results dictionary bench/run.py fills in; nothing here starts or measures anything.
+The budget's numbers are DESIGN.md's "Performance budget".
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any, TypedDict
+
+TARGETS = ("direct", "relay", "gateway")
+
+
+class Check(TypedDict):
+    name: str
+    measured: float | None
+    limit: float
+    unit: str
+    passed: bool | None
+
+
+def median_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def checks(medians: dict[str, dict[str, float | None]], rss_mb: float | None, first_ms: float | None) -> list[Check]:
+    gateway, relay, direct = medians["gateway"], medians["relay"], medians["direct"]
+
+    def check(name: str, measured: float | None, limit: float, unit: str, ok: Callable[[float], bool]) -> Check:
+        return {
+            "name": name,
+            "measured": measured,
+            "limit": limit,
+            "unit": unit,
+            "passed": None if measured is None else ok(measured),
+        }
+
+    added_p50 = None
+    if gateway["p50_ms"] is not None and direct["p50_ms"] is not None:
+        added_p50 = gateway["p50_ms"] - direct["p50_ms"]
+    return [
+        check(
+            "non-streaming throughput, gateway / bare relay",
+            ratio(gateway["requests_per_s"], relay["requests_per_s"]),
+            0.67,
+            "x",
+            lambda value: value >= 0.67,
+        ),
+        check("p50 latency at 1 connection, gateway - direct", added_p50, 1.0, "ms", lambda value: value <= 1.0),
+        check(
+            "streaming tokens/s at 32 streams, gateway / direct",
+            ratio(gateway["tokens_per_s"], direct["tokens_per_s"]),
+            0.9,
+            "x",
+            lambda value: value >= 0.9,
+        ),
+        check("gateway RSS with 256 open streams", rss_mb, 150.0, "MB", lambda value: value <= 150.0),
+        check("scale-from-zero: first token after healthy", first_ms, 150.0, "ms", lambda value: value <= 150.0),
+    ]
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def render(results: dict[str, Any]) -> str:
+    plan = results["plan"]
+    medians: dict[str, dict[str, float | None]] = results["medians"]
+    rss = results["rss"]
+    rows = [
+        (f"non-streaming req/s ({plan['concurrency']} connections)", "requests_per_s", 0),
+        ("latency p50 ms (1 connection)", "p50_ms", 3),
+        ("latency p90 ms (1 connection)", "p90_ms", 3),
+        ("latency p99 ms (1 connection)", "p99_ms", 3),
+        (f"streaming tokens/s ({plan['concurrency']} streams)", "tokens_per_s", 0),
+    ]
+    lines = [f"{'':44}{'direct':>12}{'relay':>12}{'gateway':>12}"]
+    for label, key, digits in rows:
+        lines.append(f"{label:44}" + "".join(f"{_number(medians[t][key], digits):>12}" for t in TARGETS))
+    for label, key, digits in (
+        ("RSS MB idle, before the streams", "idle_rss_mb", 1),
+        (f"RSS MB, {plan['open_streams']} open streams (peak)", "peak_rss_mb", 1),
+    ):
+        cells = ["-", *(_number(rss.get(name, {}).get(key), digits) for name in ("relay", "gateway"))]
+        lines.append(f"{label:44}" + "".join(f"{cell:>12}" for cell in cells))
+    open_s = [
+        "-",
+        *(_number(rss.get(name, {}).get("open_event", {}).get("seconds_to_open"), 2) for name in TARGETS[1:]),
+    ]
+    lines.append(f"{'seconds until all streams were open':44}" + "".join(f"{cell:>12}" for cell in open_s))
+    lines.append(f"(medians of {plan['rounds']} round(s); errors in any run: {results['errors'] or 'none'})")
+    env = results["environment"]
+    if env["load_cpus"]:
+        lines.append(f"(CPU pinning: load generator on CPU {env['load_cpus']}, servers on CPU {env['server_cpus']})")
+    else:
+        lines.append("(no CPU pinning)")
+    lines.append("")
+    lines.append(f"{'budget (DESIGN.md)':54}{'measured':>12}{'limit':>14}  verdict")
+    for item in results["checks"]:
+        unit = item["unit"]
+        comparison = ">=" if unit == "x" else "<="
+        measured = "-" if item["measured"] is None else f"{item['measured']:.2f} {unit}"
+        limit = f"{comparison} {item['limit']:g} {unit}"
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[item["passed"]]
+        lines.append(f"{item['name']:54}{measured:>12}{limit:>14}  {verdict}")
+    direct, relay = medians["direct"], medians["relay"]
+    relay_stream = ratio(relay["tokens_per_s"], direct["tokens_per_s"])
+    relay_p50 = None if relay["p50_ms"] is None or direct["p50_ms"] is None else relay["p50_ms"] - direct["p50_ms"]
+    lines.append(
+        f"for reference, the bare relay: streaming {_number(relay_stream, 2)} x direct, "
+        f"p50 {_number(relay_p50, 3)} ms over direct"
+    )
+    sfz = results["scale_from_zero"]
+    if sfz:
+        per_profile = ", ".join(_number(entry["first_token_after_healthy_ms"], 1) for entry in sfz)
+        spawn = ", ".join(_number(entry["request_to_first_token_ms"], 0) for entry in sfz)
+        lines.append(f"scale-from-zero per cold instance: {per_profile} ms after healthy; {spawn} ms after request")
+    return "\n".join(lines)
+
+
+def summarize(results: dict[str, Any]) -> None:
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = results.get("runs", {})
+    medians: dict[str, dict[str, float | None]] = {}
+    errors: list[str] = []
+    for target in TARGETS:
+        modes = runs.get(target, {"throughput": [], "latency": [], "stream": []})
+        medians[target] = {
+            "requests_per_s": median_of(modes["throughput"], "requests_per_s"),
+            "p50_ms": median_of(modes["latency"], "p50_ms"),
+            "p90_ms": median_of(modes["latency"], "p90_ms"),
+            "p99_ms": median_of(modes["latency"], "p99_ms"),
+            "tokens_per_s": median_of(modes["stream"], "tokens_per_s"),
+        }
+        for mode, mode_runs in modes.items():
+            errors += [f"{target} {mode}: {run['first_error']}" for run in mode_runs if run["errors"]]
+    results["medians"] = medians
+    results["errors"] = errors
+    rss_mb = results.get("rss", {}).get("gateway", {}).get("peak_rss_mb")
+    first = [e["first_token_after_healthy_ms"] for e in results.get("scale_from_zero", [])]
+    first_ms = statistics.median(first) if first and None not in first else None
+    results["checks"] = checks(medians, rss_mb, first_ms)

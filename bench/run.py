@@ -1,0 +1,332 @@
+"""The benchmark: llamesh's gateway against a bare relay and against no relay at all, in one run.
+
+    .venv/bin/python bench/run.py [--quick] [--out results.json]
+
+It starts the fake upstream (direct), the bare relay in front of it, and `llamesh serve` whose llama-server
+is the fake upstream; warms the gateway up (its first request starts the instance); then, in rounds whose
+target order rotates, runs the load generator (bench/load.py, a separate process) against each target:
+non-streaming throughput, latency at one connection, streaming tokens/s. Then the gateway's RSS while
+256 streams are open, and scale-from-zero (first token after the spawned upstream reported healthy).
+Each metric is the median over the rounds. It prints a table, checks DESIGN.md's performance budget, and
+writes everything, raw runs included, to a JSON file.
+
+On a machine with at least two CPUs the load generator runs on the first and every server (with the
+upstreams llamesh spawns) on the rest, so each target competes with the same load generator in the same way.
+Deliberately no assertions: this is a measurement, not a test (`--fail-on-budget` makes FAIL an exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import report
+import servers
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    concurrency: int
+    throughput_s: float
+    stream_s: float
+    warmup_s: float
+    latency_requests: int
+    latency_warmup: int
+    open_streams: int
+    open_delay_ms: int
+    hold_s: float
+    cold_profiles: int
+    tokens: int
+    startup_ms: int
+    settle_s: float
+
+
+FULL = Plan(
+    rounds=3,
+    concurrency=32,
+    throughput_s=8.0,
+    stream_s=8.0,
+    warmup_s=1.0,
+    latency_requests=2000,
+    latency_warmup=200,
+    open_streams=256,
+    open_delay_ms=250,
+    hold_s=4.0,
+    cold_profiles=3,
+    tokens=64,
+    startup_ms=500,
+    settle_s=0.5,
+)
+QUICK = Plan(
+    rounds=1,
+    concurrency=32,
+    throughput_s=2.0,
+    stream_s=2.0,
+    warmup_s=0.3,
+    latency_requests=300,
+    latency_warmup=50,
+    open_streams=256,
+    open_delay_ms=250,
+    hold_s=2.0,
+    cold_profiles=1,
+    tokens=64,
+    startup_ms=500,
+    settle_s=0.2,
+)
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class LoadRunner:
+    """Runs bench/load.py as its own process, pinned to the load generator's CPUs."""
+
+    def __init__(self, cpus: set[int] | None) -> None:
+        self.cpus = cpus
+
+    def argv(self, url: str, mode: str, *options: str) -> list[str]:
+        return [sys.executable, str(servers.LOAD), "--url", url, "--mode", mode, *options]
+
+    async def run(self, url: str, mode: str, *options: str, timeout_s: float = 600) -> dict[str, Any]:
+        process = await asyncio.create_subprocess_exec(
+            *self.argv(url, mode, *options), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        servers.pin(process.pid, self.cpus)
+        out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+        if process.returncode != 0:
+            raise servers.ServerError(f"load {mode} against {url} failed ({process.returncode}):\n{err.decode()}")
+        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        return result
+
+
+async def open_streams_rss(load: LoadRunner, target: servers.Server, plan: Plan) -> dict[str, Any]:
+    """Hold `plan.open_streams` streams open through `target` and sample its RSS meanwhile (peak, MiB)."""
+    options = [
+        *("--model", servers.MODEL, "--streams", str(plan.open_streams)),
+        *("--delay-ms", str(plan.open_delay_ms), "--hold", str(plan.hold_s)),
+    ]
+    idle_mb = target.rss_mb()
+    process = await asyncio.create_subprocess_exec(
+        *load.argv(target.url, "open-streams", *options), stdout=asyncio.subprocess.PIPE
+    )
+    servers.pin(process.pid, load.cpus)
+    assert process.stdout is not None
+    event: dict[str, Any] = json.loads(await asyncio.wait_for(process.stdout.readline(), 120))
+    samples = []
+    sampling_until = time.monotonic() + plan.hold_s * 0.75
+    while time.monotonic() < sampling_until:
+        samples.append(target.rss_mb())
+        await asyncio.sleep(0.1)
+    out, _ = await process.communicate()
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return {"idle_rss_mb": idle_mb, "peak_rss_mb": max(samples), "open_event": event, "load": result}
+
+
+async def scale_from_zero(
+    load: LoadRunner, gateway: servers.Server, *, profile: str, healthy_file: Path
+) -> dict[str, Any]:
+    """One streamed request to a profile with no instance: its first token, minus when the upstream got healthy."""
+    result = await load.run(gateway.url, "first-token", "--model", f"{servers.MODEL}:{profile}", timeout_s=180)
+    healthy_at = healthy_stamp(healthy_file, profile=profile)
+    first_token_ms = (result["first_token_at"] - healthy_at) * 1000 if healthy_at is not None else None
+    return {
+        "profile": profile,
+        "first_token_after_healthy_ms": first_token_ms,
+        "request_to_first_token_ms": (result["first_token_at"] - result["sent_at"]) * 1000,
+        "healthy_at": healthy_at,
+        "load": result,
+    }
+
+
+def healthy_stamp(healthy_file: Path, *, profile: str) -> float | None:
+    """When the upstream of `profile` first answered /health with 200, as the fake upstream recorded it."""
+    stamp = None
+    for line in healthy_file.read_text().splitlines() if healthy_file.exists() else []:
+        record = json.loads(line)
+        if Path(record["model_path"]).name == f"{profile}.gguf":
+            stamp = float(record["healthy_at"])
+    return stamp
+
+
+def cpu_split(enabled: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(load generator CPUs, server CPUs): the first CPU for load, the rest for servers; None = no pinning."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not enabled or len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def environment(load_cpus: set[int] | None, server_cpus: set[int] | None) -> dict[str, Any]:
+    versions: dict[str, str | None] = {}
+    for package in ("aiohttp", "uvloop", "llamesh"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_cpus": sorted(load_cpus) if load_cpus else None,
+        "server_cpus": sorted(server_cpus) if server_cpus else None,
+        "versions": versions,
+    }
+
+
+async def measure(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[str, Any]:
+    load_cpus, server_cpus = cpu_split(not args.no_pin)
+    load = LoadRunner(load_cpus)
+    ports = {target: servers.free_port() for target in report.TARGETS}
+    cold_profiles = [f"cold-{index}" for index in range(1, plan.cold_profiles + 1)]
+    healthy_file = workdir / "healthy.jsonl"
+    config_path, cookbook_path = servers.write_llamesh_files(
+        workdir / "llamesh", port=ports["gateway"], cold_profiles=cold_profiles
+    )
+    started: list[servers.Server] = []
+    results: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_before": os.getloadavg(),
+        "environment": environment(load_cpus, server_cpus),
+        "plan": asdict(plan),
+    }
+    upstream_env = {"FAKE_UPSTREAM_TOKENS": str(plan.tokens), "FAKE_UPSTREAM_STARTUP_MS": "0"}
+    try:
+        direct = await servers.start(
+            "direct",
+            servers.fake_upstream_argv(ports["direct"]),
+            url=f"http://{servers.HOST}:{ports['direct']}",
+            log_dir=workdir,
+            env=upstream_env,
+            cpus=server_cpus,
+        )
+        started.append(direct)
+        relay = await servers.start(
+            "relay",
+            servers.bare_relay_argv(ports["relay"], direct.url),
+            url=f"http://{servers.HOST}:{ports['relay']}",
+            log_dir=workdir,
+            cpus=server_cpus,
+        )
+        started.append(relay)
+        targets = {"direct": direct, "relay": relay}
+        await servers.wait_answering(direct, "/health", deadline_s=30)
+        await servers.wait_answering(relay, "/v1/chat/completions", deadline_s=30, method="POST")
+        if not args.skip_gateway:
+            say("starting llamesh serve")
+            gateway_env = {
+                **upstream_env,
+                "FAKE_UPSTREAM_STARTUP_MS": str(plan.startup_ms),
+                "FAKE_UPSTREAM_HEALTHY_FILE": str(healthy_file),
+            }
+            gateway = await servers.start(
+                "gateway",
+                servers.llamesh_argv(config_path, cookbook_path),
+                url=f"http://{servers.HOST}:{ports['gateway']}",
+                log_dir=workdir,
+                env=gateway_env,
+                cpus=server_cpus,
+            )
+            started.append(gateway)
+            targets["gateway"] = gateway
+            await servers.wait_answering(gateway, "/healthz", deadline_s=60)
+            say("warming up the gateway (its first request starts the instance)")
+            await servers.wait_answering(gateway, "/v1/chat/completions", deadline_s=120, method="POST")
+            servers.remember_descendants(gateway)
+        results["runs"] = await run_rounds(load, targets, plan)
+        results["rss"] = {}
+        for name in ("relay", "gateway"):
+            if name in targets:
+                say(f"RSS of {name} with {plan.open_streams} open streams")
+                results["rss"][name] = await open_streams_rss(load, targets[name], plan)
+        results["scale_from_zero"] = []
+        if "gateway" in targets:
+            for profile in cold_profiles:
+                say(f"scale-from-zero: {servers.MODEL}:{profile}")
+                entry = await scale_from_zero(load, targets["gateway"], profile=profile, healthy_file=healthy_file)
+                results["scale_from_zero"].append(entry)
+        results["gateway_log_tail"] = targets["gateway"].log_tail(20) if "gateway" in targets else None
+    finally:
+        for server in reversed(started):
+            await servers.stop(server)
+    results["load_average_after"] = os.getloadavg()
+    report.summarize(results)
+    return results
+
+
+async def run_rounds(load: LoadRunner, targets: dict[str, servers.Server], plan: Plan) -> dict[str, Any]:
+    """Every measurement against every target, `plan.rounds` times; the target order rotates each round."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        target: {"throughput": [], "latency": [], "stream": []} for target in targets
+    }
+    names = list(targets)
+    common = ["--model", servers.MODEL, "--concurrency", str(plan.concurrency), "--warmup-s", str(plan.warmup_s)]
+    modes = {
+        "throughput": ["throughput", *common, "--duration", str(plan.throughput_s)],
+        "latency": [
+            *("latency", "--model", servers.MODEL),
+            *("--requests", str(plan.latency_requests), "--warmup", str(plan.latency_warmup)),
+        ],
+        "stream": ["stream", *common, "--duration", str(plan.stream_s)],
+    }
+    for round_index in range(plan.rounds):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for target in order:
+            say(f"round {round_index + 1}/{plan.rounds}: {target}")
+            for mode, (load_mode, *options) in modes.items():
+                await asyncio.sleep(plan.settle_s)  # let the previous run's connections close first
+                runs[target][mode].append(await load.run(targets[target].url, load_mode, *options))
+    return runs
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="short smoke run (about 30 s)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: a new temporary file)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin load and servers to separate CPUs")
+    parser.add_argument("--skip-gateway", action="store_true", help="measure only direct and relay")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, server logs)")
+    parser.add_argument("--fail-on-budget", action="store_true", help="exit 1 when a budget line is FAIL")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    workdir = Path(tempfile.mkdtemp(prefix="llamesh-bench-"))
+    try:
+        results = asyncio.run(measure(args, plan, workdir))
+    except servers.ServerError as exc:
+        print(f"error: {exc}\n(work folder kept: {workdir})", file=sys.stderr)
+        return 2
+    if args.keep:
+        say(f"work folder kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    out = args.out
+    if out is None:
+        handle, name = tempfile.mkstemp(prefix="llamesh-bench-", suffix=".json")
+        os.close(handle)
+        out = Path(name)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(report.render(results))
+    print(f"load average before {results['load_average_before']}, after {results['load_average_after']}")
+    print(f"results: {out}")
+    failed = any(item["passed"] is False for item in results["checks"])
+    return 1 if failed and args.fail_on_budget else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

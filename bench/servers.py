@@ -1,0 +1,217 @@
+"""The benchmark's servers as child processes: start, pin, wait until they answer, measure memory, stop.
+
+The three targets are the fake upstream (direct), the bare relay in front of it, and `llamesh serve` with a
+generated config and cookbook whose llama-server is the fake upstream (through a wrapper script, since
+llamesh runs `binary_path` as is). Each child's output goes to a log file whose tail goes into errors.
+
+Stopping is SIGTERM, then SIGKILL after a grace period; the descendants a child had (llamesh's spawned
+upstreams) are stopped the same way if they outlive it. Deliberately not here: load or measurement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+import yaml
+
+BENCH_DIR = Path(__file__).resolve().parent
+FAKE_UPSTREAM = BENCH_DIR / "fake_upstream.py"
+BARE_RELAY = BENCH_DIR / "bare_relay.py"
+LOAD = BENCH_DIR / "load.py"
+HOST = "127.0.0.1"
+MODEL = "bench"
+
+
+class ServerError(Exception):
+    """A benchmark server did not start, or stopped answering."""
+
+
+@dataclass
+class Server:
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+    url: str
+    descendants: list[psutil.Process] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def rss_mb(self) -> float:
+        """Resident memory of this process alone (not its children), in MiB."""
+        rss: int = psutil.Process(self.pid).memory_info().rss
+        return rss / (1024 * 1024)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pin(pid: int, cpus: Iterable[int] | None) -> None:
+    """Restrict every thread of `pid` (and what they start later) to `cpus`; no-op when None.
+
+    Affinity is per thread on Linux, so each existing thread is pinned; threads and processes started
+    afterwards inherit it from the thread that starts them.
+    """
+    if cpus is None:
+        return
+    allowed = set(cpus)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for thread in psutil.Process(pid).threads():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(thread.id, allowed)
+
+
+async def start(
+    name: str,
+    argv: Sequence[str],
+    *,
+    url: str,
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    cpus: Iterable[int] | None = None,
+) -> Server:
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    pin(process.pid, cpus)
+    return Server(name=name, process=process, log_path=log_path, url=url)
+
+
+async def wait_answering(server: Server, path: str, *, deadline_s: float, method: str = "GET") -> None:
+    """Until `path` answers 200 (a POST sends a small chat completion); ServerError at the deadline."""
+    started = time.monotonic()
+    last = "no answer yet"
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}' % MODEL.encode()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=deadline_s)) as session:
+        while True:
+            if server.process.returncode is not None:
+                raise ServerError(
+                    f"{server.name} exited with status {server.process.returncode} before {path} answered 200; "
+                    f"log {server.log_path}:\n{server.log_tail()}"
+                )
+            try:
+                data = body if method == "POST" else None
+                async with session.request(method, server.url + path, data=data) as response:
+                    if response.status == 200:
+                        await response.read()
+                        return
+                    last = f"{response.status} {(await response.text())[:300]}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                last = repr(exc)
+            if time.monotonic() - started > deadline_s:
+                raise ServerError(
+                    f"{server.name}: {method} {path} did not answer 200 within {deadline_s:.0f} s (last: {last}); "
+                    f"log {server.log_path}:\n{server.log_tail()}"
+                )
+            await asyncio.sleep(0.1)
+
+
+def remember_descendants(server: Server) -> None:
+    """Note the processes `server` started, so that `stop` can end any it leaves behind."""
+    with contextlib.suppress(psutil.Error):
+        server.descendants = psutil.Process(server.pid).children(recursive=True)
+
+
+async def stop(server: Server, *, grace_s: float = 10.0) -> None:
+    remember_descendants(server)
+    if server.process.returncode is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(server.process.wait(), grace_s)
+        except TimeoutError:
+            server.process.kill()
+            await server.process.wait()
+    alive = [child for child in server.descendants if child.is_running()]
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _gone, still_alive = await asyncio.to_thread(psutil.wait_procs, alive, timeout=grace_s)
+    for child in still_alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def fake_upstream_argv(port: int) -> list[str]:
+    return [sys.executable, str(FAKE_UPSTREAM), "--host", HOST, "--port", str(port), "-m", "bench.gguf"]
+
+
+def bare_relay_argv(port: int, upstream_url: str) -> list[str]:
+    return [sys.executable, str(BARE_RELAY), "--host", HOST, "--port", str(port), "--upstream", upstream_url]
+
+
+def llamesh_argv(config_path: Path, cookbook_path: Path) -> list[str]:
+    llamesh = Path(sys.executable).with_name("llamesh")  # the console script of this virtual environment
+    return [str(llamesh), "serve", "--config", str(config_path), "--cookbook", str(cookbook_path)]
+
+
+def write_llamesh_files(workdir: Path, *, port: int, cold_profiles: Sequence[str]) -> tuple[Path, Path]:
+    """config.yaml and cookbook.yaml for `llamesh serve`: the fake upstream as llama-server, no limits.
+
+    Profile `default` serves the measurements; each of `cold_profiles` is started by exactly one request,
+    the scale-from-zero measurement. Every profile has its own (dummy) model file, so the fake upstream's
+    healthy record says which instance it belongs to. `workdir` should hold nothing else: llamesh watches
+    its config folder, and a log written there would wake the watcher on every request.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    wrapper = workdir / "llama-server"
+    command = " ".join(shlex.quote(word) for word in (sys.executable, str(FAKE_UPSTREAM)))
+    wrapper.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+    wrapper.chmod(0o755)
+
+    def profile(profile_id: str) -> dict[str, object]:
+        model_path = workdir / f"{profile_id}.gguf"
+        model_path.write_bytes(b"GGUF")  # never read: the fake upstream only reports the path
+        return {
+            "id": profile_id,
+            "model_path": str(model_path),
+            "idle_timeout_seconds": 86400,
+            "startup_timeout_seconds": 60,
+        }
+
+    node_config = {
+        "node_id": "bench",
+        "listen_addr": f"{HOST}:{port}",
+        "default_model": MODEL,
+        "model_defaults": {
+            "max_concurrent_requests_per_instance": 0,
+            "max_queue_size_per_model": 0,
+            "max_instances_per_model": 1,
+            "max_wait_in_queue_ms": 60000,
+        },
+        "llama_cpp": {"enabled": False, "binary_path": str(wrapper), "auto_update_interval_seconds": 0},
+        "auth": {"enabled": False},
+        "cluster": {"enabled": False},
+    }
+    cookbook = {"models": [{"name": MODEL, "profiles": [profile("default"), *map(profile, cold_profiles)]}]}
+    config_path = workdir / "config.yaml"
+    cookbook_path = workdir / "cookbook.yaml"
+    config_path.write_text(yaml.safe_dump(node_config, sort_keys=False))
+    cookbook_path.write_text(yaml.safe_dump(cookbook, sort_keys=False))
+    return config_path, cookbook_path
