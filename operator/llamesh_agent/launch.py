@@ -81,19 +81,7 @@ def hf_source(args: Sequence[str]) -> HfSource | None:
 
 def with_local_model(args: Sequence[str], model_path: Path) -> list[str]:
     """`args` with `-hfr`/`-hff` (and their values) replaced by `-m model_path`."""
-    dropped = (*launch_args.HF_REPO_FLAGS, *HF_FILE_FLAGS)
-    kept: list[str] = []
-    skip_value = False
-    for word in args:
-        if skip_value:
-            skip_value = False
-            continue
-        if word in dropped:
-            skip_value = True
-            continue
-        if any(word.startswith(flag + "=") for flag in dropped):
-            continue
-        kept.append(word)
+    kept = launch_args.without_flags(args, (*launch_args.HF_REPO_FLAGS, *HF_FILE_FLAGS))
     return [*kept, "-m", str(model_path)]
 
 

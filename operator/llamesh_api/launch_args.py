@@ -91,20 +91,26 @@ def effective_args(profile_args: Sequence[str], *, source: ModelSource) -> list[
     return args
 
 
-def args_hash(args: Sequence[str]) -> str:
-    """SHA-256 of the launch args, without the per-instance `--host`/`--port`, as 16 hex digits."""
+def without_flags(args: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """`args` without `flags` and their values, in both `flag value` and `flag=value` forms."""
     kept: list[str] = []
     skip_next = False
     for word in args:
         if skip_next:
             skip_next = False
             continue
-        if word in PER_INSTANCE_FLAGS:
+        if word in flags:
             skip_next = True
             continue
-        if any(word.startswith(flag + "=") for flag in PER_INSTANCE_FLAGS):
+        if any(word.startswith(flag + "=") for flag in flags):
             continue
         kept.append(word)
+    return kept
+
+
+def args_hash(args: Sequence[str]) -> str:
+    """SHA-256 of the launch args, without the per-instance `--host`/`--port`, as 16 hex digits."""
+    kept = without_flags(args, PER_INSTANCE_FLAGS)
     # Sorted, NUL-separated, first 8 bytes in hex: the seed's format, so learned data keys agree.
     digest = hashlib.sha256()
     for word in sorted(kept):

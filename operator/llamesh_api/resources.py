@@ -249,7 +249,8 @@ class LlamaNode(Resource):
 def instance_name(model: str, profile: str, suffix: str) -> str:
     """A DNS-1123 name for an instance of `model:profile`, unique through `suffix`."""
     base = re.sub(r"[^a-z0-9-]+", "-", f"{model}-{profile}".lower()).strip("-")
-    return f"{base[: 62 - len(suffix)].rstrip('-')}-{suffix}"
+    base = base[:48].rstrip("-") or "instance"  # well under 63 characters, so labels can carry it too
+    return f"{base}-{suffix}"
 
 
 RESOURCE_KINDS: tuple[type[Resource], ...] = (LlamaModel, LlamaInstance, LlamaNode)

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import logging
-import re
 import secrets
 import time
 
@@ -27,7 +26,6 @@ from llamesh_proxy import catalog, errors, metrics, queueing
 logger = logging.getLogger(__name__)
 
 REQUESTED_BY = f"{resources.GROUP}/requested-by"
-_NOT_DNS = re.compile(r"[^a-z0-9-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +40,7 @@ class Lease:
 
 def instance_name(target: catalog.Target) -> str:
     """A fresh DNS-1123 name: `<model>-<profile>-<6 hex>`, sanitized and kept well under 63 characters."""
-    base = _NOT_DNS.sub("-", f"{target.model}-{target.profile.id}".lower()).strip("-")
-    base = base[:48].rstrip("-") or "instance"
-    return f"{base}-{secrets.token_hex(3)}"
+    return resources.instance_name(target.model, target.profile.id, secrets.token_hex(3))
 
 
 class Dispatcher:
