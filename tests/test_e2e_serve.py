@@ -6,7 +6,8 @@ rerank; /v1/models and retrieve agree and show the parsed params; idle eviction 
 two concurrent requests on a 1-slot profile both succeed; a client that disconnects mid-stream leaves
 in-flight at 0 and llama-server's slot free; killing llama-server mid-stream ends the response and the
 next request respawns it; cookbook edits (in place, rename-over, broken) with no failed request on an
-untouched profile; SIGTERM drains and stops every child.
+untouched profile; SIGTERM drains and stops every child; a full queue is 503 queue_full; clients leaving while
+queued or before the response headers free everything.
 """
 
 from __future__ import annotations
@@ -299,3 +300,72 @@ async def test_sigterm_drains_and_stops_every_child(
         exit_code = await processes.wait_exited(node.child, deadline_s=30)
         assert exit_code == 0, node.child.log_text()[-3000:]
         assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+
+
+async def test_queue_limits_and_disconnects_while_queued_or_before_headers(
+    tmp_path: Path, llama_server_binary: Path, chat_model: Path, embedding_model: Path, reranker_model: Path
+) -> None:
+    """One slot, a queue of one: a third request is 503 queue_full; clients that leave while queued or
+    before the response headers leave nothing in flight and llama-server's slot free."""
+    cookbook = cookbook_text(chat_model, embedding_model, reranker_model).replace('"-c 1024 -np 1"', '"-c 8192 -np 1"')
+    defaults = {"max_concurrent_requests_per_instance": 1, "max_instances_per_model": 1, "max_queue_size_per_model": 1}
+    async with serving(tmp_path, llama_server_binary, cookbook, model_defaults=defaults) as node:
+        await node.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        port = node.llama_port()
+        messages = [{"role": "user", "content": "x"}]
+        async with aiohttp.ClientSession() as session:
+            # The holder streams ~1 MB that it never reads: backpressure keeps its slot busy.
+            holder_body = {"model": "tiny", "messages": messages, "max_tokens": 6000, "stream": True}
+            holder = await session.post(node.base_url + "/v1/chat/completions", json=holder_body)
+            assert holder.status == 200
+            await holder.content.readany()
+
+            async def post() -> tuple[int, dict[str, str], dict]:  # type: ignore[type-arg]
+                body = {"model": "tiny", "messages": messages, "max_tokens": 4}
+                async with session.post(node.base_url + "/v1/chat/completions", json=body) as response:
+                    return response.status, dict(response.headers), await response.json()
+
+            queued = asyncio.create_task(post())  # waits in the queue
+
+            async def queue_used() -> bool:
+                async with session.get(node.base_url + "/metrics/json") as metrics:
+                    return bool((await metrics.json())["queue_length"])
+
+            await waiting.until(queue_used, within=10)
+            status, headers, error = await post()  # the queue is full
+            assert status == 503, (status, error)
+            assert (headers["Retry-After"], error["error"]["type"]) == ("5", "queue_full")
+
+            queued.cancel()  # leaves while queued
+            await asyncio.gather(queued, return_exceptions=True)
+            holder.close()  # leaves mid-stream
+
+            # leaves before the response headers: a non-streaming request, abandoned while generating
+            before_headers = asyncio.create_task(post_long(session, node.base_url))
+            await waiting.until(lambda: _processing(session, port), within=10)
+            before_headers.cancel()
+            await asyncio.gather(before_headers, return_exceptions=True)
+
+            async def idle() -> bool:
+                async with session.get(node.base_url + "/metrics/json") as metrics:
+                    current = (await metrics.json())["current_requests"]
+                return current == 0 and not await _processing(session, port)
+
+            await waiting.until(idle, within=15)
+        served = await node.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        assert served.choices[0].message.content is not None
+
+
+async def post_long(session: aiohttp.ClientSession, base_url: str) -> int:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8000}
+    async with session.post(base_url + "/v1/chat/completions", json=body) as response:
+        return response.status
+
+
+async def _processing(session: aiohttp.ClientSession, port: int) -> bool:
+    async with session.get(f"http://127.0.0.1:{port}/slots") as slots:
+        return any(slot["is_processing"] for slot in await slots.json())
