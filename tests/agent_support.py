@@ -15,10 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import inspect
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,7 +24,9 @@ import psutil
 import pytest
 from aiohttp import web
 
-from rig import processes
+from rig import processes, waiting
+
+eventually = waiting.eventually  # the suite's one polling helper, re-exported for these tests
 
 T = TypeVar("T")
 
@@ -71,22 +71,6 @@ def stubborn_binary(folder: Path) -> Path:
     server = folder / "stubborn_server.py"
     server.write_text(_STUBBORN_SERVER)
     return _script(folder / "stubborn-llama-server", f'#!/bin/sh\nexec {sys.executable} {server} "$@"\n')
-
-
-async def eventually(
-    condition: Callable[[], T | Awaitable[T]], *, within_s: float = 30.0, interval_s: float = 0.02, what: str = ""
-) -> T:
-    """The first truthy value `condition` returns, polling until `within_s` seconds have passed."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s:g} s waiting for {what or condition}")
-        await asyncio.sleep(interval_s)
 
 
 def pid_alive(pid: int) -> bool:

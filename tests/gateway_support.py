@@ -16,9 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import inspect
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,9 @@ from aiohttp import test_utils, web
 from llamesh_api import config, cookbook, resources, store
 from llamesh_proxy import app as gateway_app
 from llamesh_proxy import gateway
-from rig import processes
+from rig import processes, waiting
+
+eventually = waiting.eventually  # the suite's one polling helper, re-exported for these tests
 
 NODE = "node-a"
 GATEWAY_ID = "gw-test"
@@ -52,20 +52,6 @@ def model(name: str, *profiles: cookbook.Profile, **fields: Any) -> resources.Ll
 
 def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
-
-
-async def eventually(condition: Callable[[], Any], *, timeout_s: float = 30.0, interval_s: float = 0.02) -> Any:
-    """Poll `condition` (plain or async) until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s: {condition}")
-        await asyncio.sleep(interval_s)
 
 
 class AgentSimulator:

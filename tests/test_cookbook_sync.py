@@ -61,7 +61,7 @@ async def test_load_then_hot_reload_in_place_rename_over_and_broken(tmp_path: Pa
             a = await memory.get(resources.LlamaModel, "a")
             return await names(memory) == {"a"} and a is not None and a.spec.profiles[0].model_path == "/a2.gguf"
 
-        await waiting.until(a_changed)
+        await waiting.eventually(a_changed)
 
         # a broken file is refused; the store keeps the last good cookbook
         path.write_text("models:\n  - name: a\n    profiles: [\n")
@@ -69,7 +69,7 @@ async def test_load_then_hot_reload_in_place_rename_over_and_broken(tmp_path: Pa
         async def refused() -> bool:
             return source.last_error is not None
 
-        await waiting.until(refused)
+        await waiting.eventually(refused)
         assert str(path) in str(source.last_error)
         assert await names(memory) == {"a"}
 
@@ -81,7 +81,7 @@ async def test_load_then_hot_reload_in_place_rename_over_and_broken(tmp_path: Pa
         async def both_back() -> bool:
             return await names(memory) == {"a", "b"} and source.last_error is None
 
-        await waiting.until(both_back)
+        await waiting.eventually(both_back)
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)

@@ -174,7 +174,7 @@ async def test_idle_instance_is_stopped(
         async def gone() -> bool:
             return node.llama_servers() == []
 
-        await waiting.until(gone, within=30)
+        await waiting.eventually(gone, within_s=30)
         _, body = await node.get_json("/v1/models/tiny")  # learned params outlive the instance
         assert body["metadata"]["parsed_model_params"]["n_ctx"] == 1024
 
@@ -213,13 +213,13 @@ async def test_disconnect_mid_stream_frees_the_slot_and_a_killed_server_respawns
                 async with session.get(f"http://127.0.0.1:{port}/slots") as slots:
                     return not any(slot["is_processing"] for slot in await slots.json())
 
-            await waiting.until(slot_free, within=10)
+            await waiting.eventually(slot_free, within_s=10)
 
             async def gateway_idle() -> bool:
                 async with session.get(node.base_url + "/metrics/json") as metrics:
                     return (await metrics.json())["current_requests"] == 0
 
-            await waiting.until(gateway_idle, within=10)
+            await waiting.eventually(gateway_idle, within_s=10)
 
             # kill llama-server in the middle of a stream: the response ends, the next request respawns
             async with session.post(node.base_url + "/v1/chat/completions", json=body) as response:
@@ -270,7 +270,7 @@ async def test_cookbook_edits_never_fail_requests_on_untouched_profiles(
 
         # in place: a model added
         node.cookbook.write_text(base + extra)
-        await waiting.until(lambda: listed({"tiny", "tiny:embed", "tiny:rerank", "other"}), within=15)
+        await waiting.eventually(lambda: listed({"tiny", "tiny:embed", "tiny:rerank", "other"}), within_s=15)
         # broken: refused, everything keeps serving
         node.cookbook.write_text(base + "  - name: [\n")
         await asyncio.sleep(1.0)
@@ -280,7 +280,7 @@ async def test_cookbook_edits_never_fail_requests_on_untouched_profiles(
         replacement = tmp_path / "cookbook.yaml.new"
         replacement.write_text(base.replace("      - id: embed", "      - id: embed\n        enabled: false") + extra)
         os.replace(replacement, node.cookbook)
-        await waiting.until(lambda: listed({"tiny", "tiny:rerank", "other"}), within=15)
+        await waiting.eventually(lambda: listed({"tiny", "tiny:rerank", "other"}), within_s=15)
 
         stop.set()
         await asyncio.wait_for(asker, 60)
@@ -333,7 +333,7 @@ async def test_queue_limits_and_disconnects_while_queued_or_before_headers(
                 async with session.get(node.base_url + "/metrics/json") as metrics:
                     return bool((await metrics.json())["queue_length"])
 
-            await waiting.until(queue_used, within=10)
+            await waiting.eventually(queue_used, within_s=10)
             status, headers, error = await post()  # the queue is full
             assert status == 503, (status, error)
             assert (headers["Retry-After"], error["error"]["type"]) == ("5", "queue_full")
@@ -350,19 +350,19 @@ async def test_queue_limits_and_disconnects_while_queued_or_before_headers(
             async def gateway_idle() -> bool:
                 return await gateway_requests() == 0
 
-            await waiting.until(gateway_idle, within=10)
+            await waiting.eventually(gateway_idle, within_s=10)
             before_headers = asyncio.create_task(post_long(session, node.base_url))
 
             async def forwarded() -> bool:
                 return await gateway_requests() == 1 or before_headers.done()
 
-            await waiting.until(forwarded, within=10)
+            await waiting.eventually(forwarded, within_s=10)
             before_headers.cancel()
             await asyncio.gather(before_headers, return_exceptions=True)
-            await waiting.until(gateway_idle, within=5)
+            await waiting.eventually(gateway_idle, within_s=5)
             # llama-server itself only notices a closed connection of a non-streaming request when no token
             # arrives for its polling interval, so it may finish the (short) generation first.
-            await waiting.until(lambda: _not_processing(session, port), within=60)
+            await waiting.eventually(lambda: _not_processing(session, port), within_s=60)
         served = await node.client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
         )

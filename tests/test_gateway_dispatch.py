@@ -227,7 +227,7 @@ async def test_a_drained_instance_hears_about_our_requests_at_once() -> None:
                 current = await gw.store.get(resources.LlamaInstance, name)
                 return current is not None and current.status.in_flight == 1
 
-            await gs.eventually(reported, timeout_s=5)  # long before the hourly tick
+            await gs.eventually(reported, within_s=5)  # long before the hourly tick
             assert gw.catalog.url(name) is None  # and nothing new is sent to it
             gw.dispatcher.release(lease)
         finally:

@@ -241,7 +241,7 @@ async def test_a_client_that_leaves_while_queued_leaves_the_queue(tmp_path: Path
         leaving = asyncio.create_task(chat(h))
         await gs.eventually(lambda: h.gw.board.queue_length() == 1)
         leaving.cancel()  # closes the client's connection
-        await gs.eventually(lambda: h.gw.board.queue_length() == 0, timeout_s=5)
+        await gs.eventually(lambda: h.gw.board.queue_length() == 0, within_s=5)
         assert h.gw.metrics.current_requests == 1
         assert (await served)[0] == 200
         await settled(h, h.instances()[0].name)
@@ -365,7 +365,7 @@ async def test_usage_reaches_the_store(tmp_path: Path) -> None:
         busy = await gs.eventually(lambda: (u := usage()) is not None and u.in_flight == 1 and u)
         assert busy.last_request_at is not None
         assert (await served)[0] == 200
-        await gs.eventually(lambda: (u := usage()) is not None and u.in_flight == 0, timeout_s=10)
+        await gs.eventually(lambda: (u := usage()) is not None and u.in_flight == 0, within_s=10)
 
 
 async def test_make_runner_cancels_the_handler_of_a_client_that_leaves(tmp_path: Path) -> None:
@@ -397,7 +397,7 @@ async def test_make_runner_cancels_the_handler_of_a_client_that_leaves(tmp_path:
         leaving = asyncio.create_task(ask())
         await gs.eventually(lambda: gw.board.queue_length() == 1)
         leaving.cancel()
-        await gs.eventually(lambda: gw.board.queue_length() == 0, timeout_s=5)
+        await gs.eventually(lambda: gw.board.queue_length() == 0, within_s=5)
         assert await served == 200
         gateway_app.start_draining(app)
         assert await gateway_app.wait_idle(app, 10)
