@@ -46,7 +46,8 @@ class Profile(_Spec):
     hf_repo: str | None = Field(None, description="Hugging Face repository to download the GGUF from.")
     hf_file: str | None = Field(None, description="File inside hf_repo.")
     llama_server_args: list[str] = Field(
-        default_factory=list, description="Extra llama-server flags (a shell-style string or a list)."
+        default_factory=list,
+        description="Extra llama-server flags as a list of words (cookbook.yaml also takes one shell-style string).",
     )
     idle_timeout_seconds: int = Field(DEFAULT_IDLE_TIMEOUT_SECONDS, ge=0)
     startup_timeout_seconds: int | None = Field(None, ge=1)

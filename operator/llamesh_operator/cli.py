@@ -33,12 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(build, cookbook=False)
     build.add_argument("--force", action="store_true", help="rebuild even when a finished build exists")
 
+    crds_command = commands.add_parser("crds", help="print the CustomResourceDefinitions (or write them to a folder)")
+    crds_command.add_argument("--write", type=Path, metavar="DIR", help="write one file per CRD into DIR")
+
     for name, text in (
         ("serve", "run gateway, agent and operator in one process on YAML files (bare metal)"),
         ("operator", "run the Kubernetes operator"),
         ("agent", "run the node agent"),
         ("gateway", "run the OpenAI gateway"),
-        ("crds", "print the CustomResourceDefinitions"),
     ):
         sub = commands.add_parser(name, help=text)
         _add_config_args(sub, cookbook=name == "serve")
@@ -104,6 +106,23 @@ def _serve(args: argparse.Namespace) -> int:
     return serve.run(node_config, cookbook_path=args.cookbook.resolve(), config_dir=_config_dir(args))
 
 
+def _crds(args: argparse.Namespace) -> int:
+    import yaml
+
+    from llamesh_api import crds
+
+    rendered = crds.render_all()
+    if args.write is None:
+        print(yaml.safe_dump_all(rendered, sort_keys=False), end="")
+        return 0
+    args.write.mkdir(parents=True, exist_ok=True)
+    for crd in rendered:
+        path = args.write / f"{crd['metadata']['name']}.yaml"
+        path.write_text(crds.HEADER + yaml.safe_dump(crd, sort_keys=False))
+        print(f"wrote {path}")
+    return 0
+
+
 def _not_yet(args: argparse.Namespace) -> int:
     print(f"error: `llamesh {args.command}` is not available in this version yet", file=sys.stderr)
     return 2
@@ -111,7 +130,7 @@ def _not_yet(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"validate": _validate, "build-llama": _build_llama, "serve": _serve}
+    handlers = {"validate": _validate, "build-llama": _build_llama, "serve": _serve, "crds": _crds}
     handler = handlers.get(args.command, _not_yet)
     try:
         return handler(args)
