@@ -7,7 +7,7 @@ two concurrent requests on a 1-slot profile both succeed; a client that disconne
 in-flight at 0 and llama-server's slot free; killing llama-server mid-stream ends the response and the
 next request respawns it; cookbook edits (in place, rename-over, broken) with no failed request on an
 untouched profile; SIGTERM drains and stops every child; a full queue is 503 queue_full; clients leaving while
-queued or before the response headers free everything.
+queued or before the response headers free everything; a full node stops an idle model to serve another.
 """
 
 from __future__ import annotations
@@ -382,3 +382,18 @@ async def _processing(session: aiohttp.ClientSession, port: int) -> bool:
 
 async def _not_processing(session: aiohttp.ClientSession, port: int) -> bool:
     return not await _processing(session, port)
+
+
+async def test_a_full_node_stops_an_idle_model_to_serve_another(
+    tmp_path: Path, llama_server_binary: Path, tiny_cookbook: str
+) -> None:
+    """Room for one instance: asking for a second model drains the idle first one instead of timing out."""
+    async with serving(tmp_path, llama_server_binary, tiny_cookbook, max_instances_per_node=1) as node:
+        await node.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        (first,) = node.llama_servers()
+        embedding = await node.client.embeddings.create(model="tiny:embed", input=["hello"])
+        assert len(embedding.data[0].embedding) == 64
+        (second,) = node.llama_servers()
+        assert second.pid != first.pid and "--embedding" in second.cmdline()

@@ -1,6 +1,7 @@
 """The operator's pure planner: binding pending instances (readiness, per-node instance cap, memory
 guardrails with learned peaks and cookbook estimates, external VRAM), deleting instances past a profile's
-max_instances, idle eviction (timeout, in-flight, min_instances), min_instances creation, retiring
+max_instances, making room by draining idle instances of other models (LRU, never busy ones or below
+min_instances), idle eviction (timeout, in-flight, min_instances), min_instances creation, retiring
 instances of changed / disabled / removed profiles, clearing finished instances, model status, and that
 planning is idempotent."""
 
@@ -80,7 +81,14 @@ def test_no_ready_node_is_unschedulable_once() -> None:
 
 def test_node_instance_cap_and_memory_guardrails() -> None:
     m = model(estimated_sysmem_mb=600)
-    running = instance("a", of=model("other"), phase=resources.Phase.READY, node_name="n1", peak_sysmem_mb=500)
+    running = instance(
+        "a",
+        of=model("other"),
+        phase=resources.Phase.READY,
+        node_name="n1",
+        peak_sysmem_mb=500,
+        usage=used(1, seconds_ago=0),
+    )  # busy: it cannot be drained to make room
     full = run(models=[m, model("other")], instances=[running, instance("new", of=m)],
                nodes=[node(max_instances=1)])  # fmt: skip
     assert isinstance(full[0], planning.Unschedulable) and "max_instances_per_node" in full[0].message
@@ -170,3 +178,41 @@ def test_model_status_counts_ready_instances_and_is_idempotent() -> None:
     assert status.conditions[0].status == "True"
     m.status = status
     assert planning.plan(world, now=NOW) == []
+
+
+def test_idle_instances_of_other_models_make_room_least_recently_used_first() -> None:
+    wanted, other, third = model("wanted"), model("other"), model("third")
+    older = instance("older", of=other, phase=resources.Phase.READY, node_name="n1", usage=used(0, seconds_ago=50))
+    newer = instance("newer", of=third, phase=resources.Phase.READY, node_name="n1", usage=used(0, seconds_ago=5))
+    pending = instance("new", of=wanted)
+    world = [wanted, other, third]
+    actions = run(models=world, instances=[older, newer, pending], nodes=[node(max_instances=2)])
+    assert actions[0] == planning.Drain("older", "capacity: making room for wanted:default")
+    assert isinstance(actions[1], planning.Unschedulable) and "Waiting for room on n1" in actions[1].message
+    # next round: the drained one still runs; nothing more is drained, the pending instance waits
+    older.spec.drain = True
+    pending.status.message = actions[1].message
+    assert run(models=world, instances=[older, newer, pending], nodes=[node(max_instances=2)]) == []
+    # once it stopped, the pending instance binds
+    older.status.phase = resources.Phase.STOPPED
+    assert planning.Bind("new", "n1") in run(
+        models=world, instances=[older, newer, pending], nodes=[node(max_instances=2)]
+    )
+
+
+def test_room_is_made_by_memory_too_but_never_from_busy_or_min_instances() -> None:
+    wanted = model("wanted", estimated_sysmem_mb=600)
+    kept = model("kept", min_instances=1)
+    other = model("other")
+    pinned = instance("pinned", of=kept, phase=resources.Phase.READY, node_name="n1", peak_sysmem_mb=500,
+                      usage=used(0, seconds_ago=500))  # fmt: skip
+    busy = instance("busy", of=other, phase=resources.Phase.READY, node_name="n1", peak_sysmem_mb=500,
+                    usage=used(1, seconds_ago=0))  # fmt: skip
+    actions = run(models=[wanted, kept, other], instances=[pinned, busy, instance("new", of=wanted)],
+                  nodes=[node(max_sysmem_mb=1200)])  # fmt: skip
+    assert len(actions) == 1 and isinstance(actions[0], planning.Unschedulable)
+    assert "Unschedulable" in actions[0].message
+    busy.status.usage = used(0, seconds_ago=1)
+    actions = run(models=[wanted, kept, other], instances=[pinned, busy, instance("new", of=wanted)],
+                  nodes=[node(max_sysmem_mb=1200)])  # fmt: skip
+    assert actions[0] == planning.Drain("busy", "capacity: making room for wanted:default")

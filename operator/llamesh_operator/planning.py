@@ -1,8 +1,9 @@
 """The operator's decisions, as one pure function: `plan(world, now) -> actions`.
 
 Given the desired state (models and their profiles), the observed state (instances, nodes) and the time,
-it answers what should change: bind pending instances to a node that fits, delete instances beyond a
-profile's `max_instances`, drain instances that are idle past their timeout or whose profile changed or
+it answers what should change: bind pending instances to a node that fits (draining idle instances of
+other models, least recently used first, when nothing fits), delete instances beyond a profile's
+`max_instances`, drain instances that are idle past their timeout or whose profile changed or
 went away, create instances to keep `min_instances`, delete finished instances, and what each model's
 status should say. It reads no clock, store or file; a driver applies the actions. Being level-triggered,
 running it twice on the same world gives the same actions, and missing events never matters.
@@ -10,6 +11,7 @@ running it twice on the same world gives the same actions, and missing events ne
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 from collections.abc import Iterable, Sequence
@@ -83,6 +85,7 @@ def plan(world: World, *, now: datetime.datetime) -> list[Action]:
     actions += _retire(world, profiles, now=now)
     retired = {action.instance for action in actions if isinstance(action, Drain | Delete)}
     actions += _place(world, profiles, retired=retired)
+    retired |= {action.instance for action in actions if isinstance(action, Drain | Delete)}
     actions += _evict_idle(world, profiles, retired=retired, now=now)
     actions += _keep_minimum(world, profiles, retired=retired)
     actions += _model_statuses(world, profiles)
@@ -169,6 +172,16 @@ def _place(world: World, profiles: dict[str, cookbook.Profile], *, retired: set[
         need_vram, need_sysmem = _estimate(instance, profile, world.nodes)
         chosen, why_not = _choose_node(world.nodes, node_load, need_vram=need_vram, need_sysmem=need_sysmem)
         if chosen is None:
+            room = _make_room(world, profiles, node_load, need_vram=need_vram, need_sysmem=need_sysmem,
+                              wanted_by=key, retired=retired)  # fmt: skip
+            if room is not None:
+                node_name, evicted = room
+                for name in evicted:
+                    retired.add(name)
+                    actions.append(
+                        Drain(name, f"capacity: making room for {instance.spec.model}:{instance.spec.profile}")
+                    )
+                why_not = f"Waiting for room on {node_name}: idle instances of other models are stopping"
             if instance.status.message != why_not:
                 actions.append(Unschedulable(instance.name, why_not))
             continue
@@ -193,11 +206,92 @@ def _node_usage(node: resources.LlamaNode, instances: Iterable[resources.LlamaIn
         if instance.spec.node_name != node.name or instance.status.phase.is_terminal:
             continue
         count += 1
-        learned = node.status.learned.get(instance.spec.args_hash)
-        vram += instance.status.peak_vram_mb or (learned.peak_vram_mb if learned else 0) or 0
-        sysmem += instance.status.peak_sysmem_mb or (learned.peak_sysmem_mb if learned else 0) or 0
+        used = _footprint(instance, node)
+        vram += used.vram_mb
+        sysmem += used.sysmem_mb
     external_vram = max(node.status.device_vram_used_mb - node.status.llamesh_vram_mb, 0)
     return _Usage(count, vram + external_vram, sysmem)
+
+
+def _footprint(instance: resources.LlamaInstance, node: resources.LlamaNode) -> _Usage:
+    """One running instance's share of a node: its own peaks, else what the node learned for its args."""
+    learned = node.status.learned.get(instance.spec.args_hash)
+    vram = instance.status.peak_vram_mb or (learned.peak_vram_mb if learned else 0) or 0
+    sysmem = instance.status.peak_sysmem_mb or (learned.peak_sysmem_mb if learned else 0) or 0
+    return _Usage(1, vram, sysmem)
+
+
+def _misfit(node: resources.LlamaNode, usage: _Usage, *, need_vram: int, need_sysmem: int) -> str | None:
+    """Why a new instance does not fit on `node` at `usage`, or None when it fits."""
+    if not node.status.ready or node.status.draining:
+        return f"{node.name}: not ready"
+    if usage.instances >= node.spec.max_instances:
+        return f"{node.name}: max_instances_per_node ({node.spec.max_instances}) reached"
+    if need_vram and usage.vram_mb + need_vram > node.spec.max_vram_mb:
+        return f"{node.name}: needs {need_vram} MB VRAM, {node.spec.max_vram_mb - usage.vram_mb} free"
+    if node.spec.max_sysmem_mb and usage.sysmem_mb + need_sysmem > node.spec.max_sysmem_mb:
+        return f"{node.name}: needs {need_sysmem} MB system memory, {node.spec.max_sysmem_mb - usage.sysmem_mb} free"
+    return None
+
+
+def _minus(usage: _Usage, freed: _Usage) -> _Usage:
+    return _Usage(usage.instances - freed.instances, usage.vram_mb - freed.vram_mb, usage.sysmem_mb - freed.sysmem_mb)
+
+
+def _make_room(
+    world: World,
+    profiles: dict[str, cookbook.Profile],
+    load: dict[str, _Usage],
+    *,
+    need_vram: int,
+    need_sysmem: int,
+    wanted_by: str,
+    retired: set[str],
+) -> tuple[str, list[str]] | None:
+    """Idle instances of other profiles whose draining lets a new instance fit, least recently used first.
+
+    The seed's guardrail: rather than wait for an idle timeout, stop idle instances to make room. Only
+    instances with nothing in flight are taken, never below their profile's `min_instances`. Returns the
+    node and the instances to drain (none when those already draining will free enough), or None.
+    """
+    live = collections.Counter(_instance_key(i) for i in world.instances if _is_live(i) and i.name not in retired)
+    for node in world.nodes:
+        if not node.status.ready or node.status.draining:
+            continue
+        mine = [i for i in world.instances if i.spec.node_name == node.name and not i.status.phase.is_terminal]
+        freeing = _Usage(0, 0, 0)
+        for instance in mine:
+            if instance.spec.drain or instance.name in retired:
+                freeing = _plus(freeing, _footprint(instance, node))
+        if _misfit(node, _minus(load[node.name], freeing), need_vram=need_vram, need_sysmem=need_sysmem) is None:
+            return node.name, []
+        idle = sorted(
+            (
+                i
+                for i in mine
+                if _is_live(i)
+                and i.name not in retired
+                and i.status.phase is resources.Phase.READY
+                and i.status.in_flight == 0
+                and _instance_key(i) != wanted_by
+                and live[_instance_key(i)] > (profiles[k].min_instances if (k := _instance_key(i)) in profiles else 0)
+            ),
+            key=lambda i: _seconds(i.status.last_request_at or i.status.ready_at),
+        )
+        chosen: list[str] = []
+        for candidate in idle:
+            chosen.append(candidate.name)
+            live[_instance_key(candidate)] -= 1
+            freeing = _plus(freeing, _footprint(candidate, node))
+            if _misfit(node, _minus(load[node.name], freeing), need_vram=need_vram, need_sysmem=need_sysmem) is None:
+                return node.name, chosen
+        for name in chosen:  # not enough here: give the counts back and try the next node
+            live[next(_instance_key(i) for i in mine if i.name == name)] += 1
+    return None
+
+
+def _plus(usage: _Usage, more: _Usage) -> _Usage:
+    return _Usage(usage.instances + more.instances, usage.vram_mb + more.vram_mb, usage.sysmem_mb + more.sysmem_mb)
 
 
 def _estimate(
@@ -218,17 +312,11 @@ def _choose_node(
     reasons: list[str] = []
     for node in nodes:
         usage = load[node.name]
-        if not node.status.ready or node.status.draining:
-            reasons.append(f"{node.name}: not ready")
-        elif usage.instances >= node.spec.max_instances:
-            reasons.append(f"{node.name}: max_instances_per_node ({node.spec.max_instances}) reached")
-        elif need_vram and usage.vram_mb + need_vram > node.spec.max_vram_mb:
-            reasons.append(f"{node.name}: needs {need_vram} MB VRAM, {node.spec.max_vram_mb - usage.vram_mb} free")
-        elif node.spec.max_sysmem_mb and usage.sysmem_mb + need_sysmem > node.spec.max_sysmem_mb:
-            free = node.spec.max_sysmem_mb - usage.sysmem_mb
-            reasons.append(f"{node.name}: needs {need_sysmem} MB system memory, {free} free")
-        else:
+        reason = _misfit(node, usage, need_vram=need_vram, need_sysmem=need_sysmem)
+        if reason is None:
             candidates.append((usage.instances, node.name))
+        else:
+            reasons.append(reason)
     if candidates:
         return min(candidates)[1], ""
     return None, "Unschedulable: " + ("; ".join(reasons) if reasons else "no nodes")
