@@ -30,7 +30,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypedDict
 
 import aiohttp
@@ -150,6 +150,19 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
+async def _warm_then_measure(
+    worker: Callable[..., Awaitable[None]], *, concurrency: int, warmup_s: float, duration: float
+) -> float:
+    """Run `concurrency` workers uncounted for `warmup_s`, then counted for `duration`; the measured seconds."""
+    if warmup_s > 0:
+        deadline = time.perf_counter() + warmup_s
+        await asyncio.gather(*(worker(deadline, counted=False) for _ in range(concurrency)))
+    started = time.perf_counter()
+    deadline = started + duration
+    await asyncio.gather(*(worker(deadline, counted=True) for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
 async def throughput(
     session: aiohttp.ClientSession, url: str, body: bytes, *, concurrency: int, duration: float, warmup_s: float
 ) -> ThroughputResult:
@@ -173,13 +186,7 @@ async def throughput(
             else:
                 errors.add(f"HTTP {response.status}")
 
-    if warmup_s > 0:
-        deadline = time.perf_counter() + warmup_s
-        await asyncio.gather(*(worker(deadline, counted=False) for _ in range(concurrency)))
-    started = time.perf_counter()
-    deadline = started + duration
-    await asyncio.gather(*(worker(deadline, counted=True) for _ in range(concurrency)))
-    seconds = time.perf_counter() - started
+    seconds = await _warm_then_measure(worker, concurrency=concurrency, warmup_s=warmup_s, duration=duration)
     return {
         "mode": "throughput",
         "concurrency": concurrency,
@@ -258,13 +265,7 @@ async def stream(
             if counted and tokens is not None:
                 per_stream.append(tokens)
 
-    if warmup_s > 0:
-        deadline = time.perf_counter() + warmup_s
-        await asyncio.gather(*(worker(deadline, counted=False) for _ in range(concurrency)))
-    started = time.perf_counter()
-    deadline = started + duration
-    await asyncio.gather(*(worker(deadline, counted=True) for _ in range(concurrency)))
-    seconds = time.perf_counter() - started
+    seconds = await _warm_then_measure(worker, concurrency=concurrency, warmup_s=warmup_s, duration=duration)
     total = sum(per_stream)
     return {
         "mode": "stream",

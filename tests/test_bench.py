@@ -82,14 +82,12 @@ async def wait_relaying(relay_url: str, child: processes.Child) -> None:
 async def fake_upstream(tmp_path: Path, *, wait: bool = True, **env: str) -> AsyncIterator[tuple[str, processes.Child]]:
     port = processes.free_port()
     argv = [sys.executable, str(FAKE_UPSTREAM), "--host", HOST, "--port", str(port), "-m", "/models/bench.gguf"]
-    child = processes.start(argv, log_path=tmp_path / f"fake-upstream-{port}.log", env=env)
     base_url = f"http://{HOST}:{port}"
-    try:
-        if wait:
-            await processes.wait_healthy(child, base_url, deadline_s=30)
+    log_path = tmp_path / f"fake-upstream-{port}.log"
+    async with processes.running(
+        argv, log_path=log_path, base_url=base_url, env=env, deadline_s=30, wait=wait
+    ) as child:
         yield base_url, child
-    finally:
-        await processes.stop(child)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

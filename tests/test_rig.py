@@ -42,14 +42,12 @@ async def fake_llama(
     port = processes.free_port()
     argv = processes.fake_llama_server_argv("--host", HOST, "--port", str(port), "-m", "tiny.gguf", *args)
     fake_env = {f"FAKE_LLAMA_{key.upper()}": value for key, value in env.items()}
-    child = processes.start(argv, log_path=tmp_path / f"fake-{port}.log", env=fake_env)
     base_url = f"http://{HOST}:{port}"
-    try:
-        if wait:
-            await processes.wait_healthy(child, base_url, deadline_s=30)
+    log_path = tmp_path / f"fake-{port}.log"
+    async with processes.running(
+        argv, log_path=log_path, base_url=base_url, env=fake_env, deadline_s=30, wait=wait
+    ) as child:
         yield base_url, child
-    finally:
-        await processes.stop(child)
 
 
 async def wait_listening(base_url: str, child: processes.Child) -> None:

@@ -143,11 +143,14 @@ async def running(
     base_url: str,
     env: Mapping[str, str] | None = None,
     deadline_s: float = 60.0,
+    wait: bool = True,
 ) -> AsyncIterator[Child]:
-    """Start a server, wait until its /health answers 200, and stop it on the way out, whatever happens."""
+    """Start a server, wait until its /health answers 200 (unless `wait` is off, for faults that never get
+    there), and stop it on the way out, whatever happens."""
     child = start(argv, log_path=log_path, env=env)
     try:
-        await wait_healthy(child, base_url, deadline_s=deadline_s)
+        if wait:
+            await wait_healthy(child, base_url, deadline_s=deadline_s)
         yield child
     finally:
         await stop(child)
