@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 from aiohttp import test_utils, web
 
-from llamesh_api import config, cookbook, resources, store
+from llamesh_api import config, cookbook, resources, store, writes
 from llamesh_proxy import app as gateway_app
 from llamesh_proxy import gateway
 from rig import processes, waiting
@@ -85,6 +85,7 @@ class AgentSimulator:
             ),
         )
         await self.store.create(node)
+        await self.store.patch_status(resources.LlamaNode, self.node_name, node.status.to_wire())
 
     async def run(self) -> None:
         async for event in self.store.watch(resources.LlamaInstance):
@@ -116,13 +117,16 @@ class AgentSimulator:
         self.ports[name] = port
         self.started.append(name)
 
-        def starting(current: resources.LlamaInstance) -> None:
+        def bind(current: resources.LlamaInstance) -> None:
             current.spec.node_name = self.node_name
+
+        def starting(current: resources.LlamaInstance) -> None:
             current.status.phase = resources.Phase.STARTING
             current.status.host, current.status.port, current.status.pid = "127.0.0.1", port, child.pid
             current.status.started_at = now()
 
-        await self.store.update(resources.LlamaInstance, name, starting)
+        await writes.update(self.store, resources.LlamaInstance, name, bind)
+        await writes.update_status(self.store, resources.LlamaInstance, name, starting)
         try:
             await processes.wait_healthy(child, f"http://127.0.0.1:{port}", deadline_s=60)
         except processes.RigError as exc:
@@ -133,7 +137,7 @@ class AgentSimulator:
                 current.status.message = message
                 current.status.stopped_at = now()
 
-            await self.store.update(resources.LlamaInstance, name, failed)
+            await writes.update_status(self.store, resources.LlamaInstance, name, failed)
             return
 
         def ready(current: resources.LlamaInstance) -> None:
@@ -141,7 +145,7 @@ class AgentSimulator:
             current.status.ready_at = now()
             current.status.parsed_model_params = {"n_ctx": 2048, "n_ctx_train": 2048, "n_slots": 1}
 
-        await self.store.update(resources.LlamaInstance, name, ready)
+        await writes.update_status(self.store, resources.LlamaInstance, name, ready)
 
     async def _stop(self, name: str) -> None:
         child = self.children.pop(name)
@@ -151,8 +155,7 @@ class AgentSimulator:
             current.status.phase = resources.Phase.STOPPED
             current.status.stopped_at = now()
 
-        with contextlib.suppress(store.NotFound):
-            await self.store.update(resources.LlamaInstance, name, stopped)
+        await writes.update_status(self.store, resources.LlamaInstance, name, stopped)
 
     async def slots_busy(self, name: str) -> int:
         """How many of the fake server's slots are processing now (its /slots)."""
@@ -185,7 +188,7 @@ async def set_phase(memory: store.Store, name: str, phase: resources.Phase, *, p
         if phase.is_terminal:
             current.status.stopped_at = now()
 
-    await memory.update(resources.LlamaInstance, name, change)
+    await writes.update_status(memory, resources.LlamaInstance, name, change)
 
 
 @dataclasses.dataclass

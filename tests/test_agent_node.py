@@ -42,7 +42,7 @@ from agent_support import (
     stubborn_binary,
 )
 from llamesh_agent import instance_runner, node_agent, sampling, supervisor
-from llamesh_api import config, cookbook, resources, store
+from llamesh_api import config, cookbook, resources, store, writes
 from rig import tiny_models
 
 NODE = "node-a"
@@ -144,17 +144,27 @@ class Harness:
     async def schedule(
         self, name: str, *, model: str = "tiny", profile: str = "default", phase: Phase = Phase.SCHEDULED, **spec: Any
     ) -> None:
-        """What the gateway and the operator do: an instance bound to this node."""
+        """What the gateway and the operator do: an instance bound to this node.
+
+        Another `phase` is what an earlier agent left in status: written before the binding, so this agent
+        never sees the instance as merely Scheduled."""
         found = await self.store.get(resources.LlamaModel, model)
         chosen = found.spec.profile(profile) if found else None
+        later = phase not in (Phase.PENDING, Phase.SCHEDULED)
         instance = resources.LlamaInstance(
             metadata=resources.ObjectMeta(name=name),
             spec=resources.InstanceSpec(
-                model=model, profile=profile, args_hash=chosen.args_hash() if chosen else "none", node_name=NODE, **spec
+                model=model,
+                profile=profile,
+                args_hash=chosen.args_hash() if chosen else "none",
+                node_name=None if later else NODE,
+                **spec,
             ),
-            status=resources.InstanceStatus(phase=phase),
         )
         await self.store.create(instance)
+        if later:
+            await self.store.patch_status(resources.LlamaInstance, name, {"phase": phase.value})
+            await self.store.patch(resources.LlamaInstance, name, {"spec": {"nodeName": NODE}})
 
     async def instance(self, name: str) -> resources.LlamaInstance:
         found = await self.store.get(resources.LlamaInstance, name)
@@ -178,7 +188,9 @@ class Harness:
         return found
 
     async def update(self, name: str, mutate: Callable[[resources.LlamaInstance], None]) -> None:
-        await self.store.update(resources.LlamaInstance, name, mutate)
+        """Play the operator and the gateways: `mutate` may touch spec and status; each half goes in its own write."""
+        await writes.update(self.store, resources.LlamaInstance, name, mutate)
+        await writes.update_status(self.store, resources.LlamaInstance, name, mutate)
 
 
 @contextlib.asynccontextmanager
@@ -470,11 +482,10 @@ async def test_instances_of_other_nodes_are_left_alone(harness: Harness) -> None
     other = resources.LlamaInstance(
         metadata=resources.ObjectMeta(name="elsewhere"),
         spec=resources.InstanceSpec(model="tiny", profile="default", args_hash="x", node_name="node-b"),
-        status=resources.InstanceStatus(phase=Phase.SCHEDULED),
     )
     await harness.store.create(other)
     await asyncio.sleep(FAST.reconcile_interval_s * 4)
-    assert (await harness.instance("elsewhere")).status.phase is Phase.SCHEDULED
+    assert (await harness.instance("elsewhere")).phase is Phase.SCHEDULED
     assert harness.agent.runner("elsewhere") is None
 
 
@@ -487,7 +498,7 @@ async def test_rebuild_request_runs_the_build_once(harness: Harness) -> None:
     def ask(node: resources.LlamaNode) -> None:
         node.spec.rebuild_requests += 1
 
-    await harness.store.update(resources.LlamaNode, NODE, ask)
+    await writes.update(harness.store, resources.LlamaNode, NODE, ask)
     await eventually(lambda: harness.binary.builds == 1, what="the build to start")
     building = await eventually(_is_building(harness), what="is_building to be published")
     assert building.status.rebuilds_handled == 0
@@ -505,7 +516,7 @@ async def test_failed_rebuild_is_shown_counted_and_not_retried(harness: Harness)
     def ask(node: resources.LlamaNode) -> None:
         node.spec.rebuild_requests += 1
 
-    await harness.store.update(resources.LlamaNode, NODE, ask)
+    await writes.update(harness.store, resources.LlamaNode, NODE, ask)
     await eventually(_handled(harness, 1), what="the failed request to be counted")
     node = await harness.node()
     assert node.status.last_build_error == "rebuild failed: cmake exploded" and not node.status.is_building
@@ -575,5 +586,5 @@ async def test_hugging_face_profile_is_downloaded_then_started(tmp_path: Path, m
 
 async def _record_phases(h: Harness, name: str, phases: list[Phase]) -> None:
     async for event in h.store.watch(resources.LlamaInstance):
-        if event.object.name == name and (not phases or phases[-1] is not event.object.status.phase):
-            phases.append(event.object.status.phase)
+        if event.object.name == name and (not phases or phases[-1] is not event.object.phase):
+            phases.append(event.object.phase)

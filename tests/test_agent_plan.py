@@ -86,9 +86,14 @@ def test_running_phase_without_process_is_lost(phase: Phase) -> None:
     assert run([instance("a", phase)]) == [plan.MarkLost("a")]
 
 
-@pytest.mark.parametrize("phase", [Phase.STOPPED, Phase.FAILED, Phase.PENDING])
+@pytest.mark.parametrize("phase", [Phase.STOPPED, Phase.FAILED])
 def test_other_phases_without_process_are_left_alone(phase: Phase) -> None:
     assert run([instance("a", phase)]) == []
+
+
+def test_bound_but_still_pending_is_started() -> None:
+    """Binding is the operator's spec write alone; the status stays Pending until this agent picks it up."""
+    assert run([instance("a", Phase.PENDING)]) == [plan.Start("a")]
 
 
 def test_running_instance_without_drain_needs_nothing() -> None:

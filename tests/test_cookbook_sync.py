@@ -22,7 +22,7 @@ models:
 
 
 async def names(memory: store.MemoryStore) -> set[str]:
-    return {model.name for model in await memory.list(resources.LlamaModel)}
+    return {model.name for model in (await memory.list(resources.LlamaModel)).items}
 
 
 def test_diff_models_is_exact() -> None:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import gateway_support as gs
-from llamesh_api import resources, store
+from llamesh_api import resources, store, writes
 from llamesh_proxy import catalog, dispatch, errors, following, gateway
 
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -32,8 +32,7 @@ async def running(*models: resources.LlamaModel, **settings: object) -> AsyncIte
         await memory.create(item)
     node_config = gs.node_config(model_defaults={"max_concurrent_requests_per_instance": 1}, **settings)
     gw = gateway.Gateway(node_config, store=memory, gateway_id="gw-1", node_name=gs.NODE)
-    await following.prime(gw)
-    tasks = [asyncio.create_task(following.follow_models(gw)), asyncio.create_task(following.follow_instances(gw))]
+    tasks = await following.follow(gw)
     try:
         yield gw
     finally:
@@ -221,7 +220,7 @@ async def test_a_drained_instance_hears_about_our_requests_at_once() -> None:
             def drain(instance: resources.LlamaInstance) -> None:
                 instance.spec.drain = True
 
-            await gw.store.update(resources.LlamaInstance, name, drain)
+            await writes.update(gw.store, resources.LlamaInstance, name, drain)
 
             async def reported() -> bool:
                 current = await gw.store.get(resources.LlamaInstance, name)

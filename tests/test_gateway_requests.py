@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import gateway_support as gs
-from llamesh_api import resources
+from llamesh_api import resources, writes
 
 CHAT = gs.model(
     "chat", gs.profile(), gs.profile("fast", "-c", "1024", description="Lower context"), description="A chat model"
@@ -252,7 +252,7 @@ async def test_models_listing_in_the_seed_shape(tmp_path: Path) -> None:
                 parsed_model_params={"n_ctx": 1024, "n_slots": 1}, llama_cpp_version="b1-fake"
             )
 
-        await h.store.update(resources.LlamaNode, gs.NODE, learn)
+        await writes.update_status(h.store, resources.LlamaNode, gs.NODE, learn)
         await gs.eventually(lambda: h.gw.catalog.parsed_model_params(chat_fast, node_name=gs.NODE))
         listing = await (await h.client.get("/v1/models")).json()
         assert listing["object"] == "list"
@@ -300,7 +300,7 @@ async def test_learned_params_from_another_llama_cpp_build_are_withheld(tmp_path
                 parsed_model_params={"n_ctx": 1}, llama_cpp_version="old"
             )
 
-        await h.store.update(resources.LlamaNode, gs.NODE, learn)
+        await writes.update_status(h.store, resources.LlamaNode, gs.NODE, learn)
         await gs.eventually(lambda: chat.args_hash in h.gw.catalog.node(gs.NODE).status.learned)  # type: ignore[union-attr]
         assert h.gw.catalog.parsed_model_params(chat, node_name=gs.NODE) is None
 
@@ -337,7 +337,7 @@ async def test_rebuild_requests_are_recorded_once_at_a_time(tmp_path: Path) -> N
             current.status.rebuilds_handled = 1
             current.status.is_building = True
 
-        await h.store.update(resources.LlamaNode, gs.NODE, building)
+        await writes.update_status(h.store, resources.LlamaNode, gs.NODE, building)
         await gs.eventually(lambda: h.gw.catalog.node(gs.NODE).status.is_building)  # type: ignore[union-attr]
         assert (await h.client.post("/admin/rebuild-llama")).status == 409
 

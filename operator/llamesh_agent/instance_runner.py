@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from llamesh_agent import downloads, introspect, launch, plan, ports, supervisor, updates
-from llamesh_api import cookbook, resources, store
+from llamesh_agent import downloads, introspect, launch, plan, ports, supervisor
+from llamesh_api import cookbook, resources, store, writes
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ class InstanceRunner:
         await self._write(failed)
 
     async def _write(self, mutate: Callable[[resources.LlamaInstance], None]) -> None:
-        await updates.update(self._store, resources.LlamaInstance, self.name, mutate, uid=self.uid)
+        await writes.update_status(self._store, resources.LlamaInstance, self.name, mutate, uid=self.uid)
 
 
 def _is_executable(path: Path) -> bool:

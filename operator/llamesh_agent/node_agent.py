@@ -23,15 +23,13 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from llamesh_agent import instance_runner, learned, live_binary, node_status, plan, ports, sampling, updates
-from llamesh_api import config, resources
+from llamesh_agent import instance_runner, learned, live_binary, node_status, plan, ports, sampling
+from llamesh_api import config, informer, resources, writes
 from llamesh_api import store as store_api  # `store` is NodeAgent's parameter, as the callers spell it
 
 log = logging.getLogger(__name__)
-
-R = TypeVar("R", bound=resources.Resource)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +40,7 @@ class Timings:
     heartbeat_interval_s: float = 5.0  # LlamaNode status at least this often, besides one per change
     sample_interval_s: float = 10.0  # memory samples (the seed's interval)
     drain_settle_s: float = 2.0  # gateways publish in-flight counts about once a second
-    watch_retry_s: float = 1.0  # pause before a watch that ended is started again
+    watch_retry_s: float = 0.5  # first pause before a failed watch is resumed (doubling, up to 5 s)
     runner: instance_runner.RunnerSettings = dataclasses.field(default_factory=instance_runner.RunnerSettings)
 
 
@@ -82,13 +80,21 @@ class NodeAgent:
         self._learned = learned.LearnedStore(metrics_path, node_id=self.node_name)
         self._learned_dirty = False  # learned data changed since the file was last written
 
-        self._instances: dict[str, resources.LlamaInstance] = {}
-        self._models: dict[str, resources.LlamaModel] = {}
+        wake, backoff = self._wake_on_change, self._timings.watch_retry_s
+        self._instance_informer = informer.Informer(
+            store, resources.LlamaInstance, on_event=wake, on_listed=wake, first_backoff_s=backoff
+        )
+        self._model_informer = informer.Informer(
+            store, resources.LlamaModel, on_event=wake, on_listed=wake, first_backoff_s=backoff
+        )
+        self._node_informer = informer.Informer(
+            store, resources.LlamaNode, on_event=self._node_event, on_listed=self._nodes_listed, first_backoff_s=backoff
+        )
         self._node: resources.LlamaNode | None = None
         self._runners: dict[str, instance_runner.InstanceRunner] = {}
         self._runner_tasks: dict[str, asyncio.Task[None]] = {}
         self._finished_uids: set[str] = set()
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event = asyncio.Event()
         self._publish_soon = asyncio.Event()
         self._sample_soon = asyncio.Event()
         self._save_lock = asyncio.Lock()
@@ -116,9 +122,9 @@ class NodeAgent:
             self._sampler = await asyncio.to_thread(sampling.Sampler.probe)
         await self._publish_node()
         self._background = [
-            asyncio.create_task(self._watch(resources.LlamaInstance, self._instances), name="agent-watch-instances"),
-            asyncio.create_task(self._watch(resources.LlamaModel, self._models), name="agent-watch-models"),
-            asyncio.create_task(self._watch_node(), name="agent-watch-node"),
+            asyncio.create_task(self._instance_informer.run(), name="agent-watch-instances"),
+            asyncio.create_task(self._model_informer.run(), name="agent-watch-models"),
+            asyncio.create_task(self._node_informer.run(), name="agent-watch-node"),
             asyncio.create_task(self._heartbeat(), name="agent-heartbeat"),
             asyncio.create_task(self._sample_loop(), name="agent-sampler"),
         ]
@@ -232,7 +238,7 @@ class NodeAgent:
                 obj.status.pid = None
                 obj.status.stopped_at = store_api.utcnow()
 
-        await updates.update(self._store, resources.LlamaInstance, name, mark, uid=uid)
+        await writes.update_status(self._store, resources.LlamaInstance, name, mark, uid=uid)
         if uid is not None:
             self._finished_uids.add(uid)
 
@@ -263,39 +269,32 @@ class NodeAgent:
 
     # --- watches ----------------------------------------------------------------------------------
 
-    async def _watch(self, kind: type[R], cache: dict[str, R]) -> None:
-        """Keep `cache` equal to the store's objects of `kind`; wake the reconcile loop on every change."""
-        while True:
-            try:
-                listed = await self._store.list(kind)
-                cache.clear()
-                cache.update((obj.name, obj) for obj in listed)
-                self._wake.set()
-                async for event in self._store.watch(kind):
-                    if event.type == "DELETED":
-                        cache.pop(event.object.name, None)
-                    else:
-                        cache[event.object.name] = event.object
-                    self._wake.set()
-            except Exception:  # a watch that ends (expired, connection lost) is started again
-                log.warning("watch of %s ended; starting it again", kind.kind_name, exc_info=True)
-            await asyncio.sleep(self._timings.watch_retry_s)
+    @property
+    def _instances(self) -> dict[str, resources.LlamaInstance]:
+        return self._instance_informer.cache
 
-    async def _watch_node(self) -> None:
-        while True:
-            try:
-                async for event in self._store.watch(resources.LlamaNode):
-                    if event.object.name != self.node_name:
-                        continue
-                    if event.type == "DELETED":
-                        self._node = None
-                        self._publish_soon.set()  # it is this agent's to publish: create it again
-                    else:
-                        self._node = event.object
-                        self._wake.set()  # a rebuild request is looked at in the next pass
-            except Exception:
-                log.warning("watch of LlamaNode ended; starting it again", exc_info=True)
-            await asyncio.sleep(self._timings.watch_retry_s)
+    @property
+    def _models(self) -> dict[str, resources.LlamaModel]:
+        return self._model_informer.cache
+
+    def _wake_on_change(self, _change: object) -> None:
+        self._wake.set()
+
+    def _node_event(self, event: store_api.Event[resources.LlamaNode]) -> None:
+        if event.object.name != self.node_name:
+            return
+        if event.type == "DELETED":
+            self._node = None
+            self._publish_soon.set()  # it is this agent's to publish: create it again
+        else:
+            self._node = event.object
+            self._wake.set()  # a rebuild request is looked at in the next pass
+
+    def _nodes_listed(self, nodes: list[resources.LlamaNode]) -> None:
+        self._node = next((node for node in nodes if node.name == self.node_name), None)
+        if self._node is None:
+            self._publish_soon.set()
+        self._wake.set()
 
     # --- the node's status ------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@
   them; peak memory);
 - `heartbeat_at`: when this was written.
 
-The mapping is pure (`apply`); `publish` creates the node when it does not exist and writes it.
+The mapping is pure (`apply`); `publish` creates the node when it does not exist and writes it: spec and
+status in separate writes, as the API server's status subresource wants them.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import contextlib
 import dataclasses
 import datetime
 
-from llamesh_agent import sampling, updates
-from llamesh_api import resources, store
+from llamesh_agent import sampling
+from llamesh_api import resources, store, writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +85,16 @@ def apply(node: resources.LlamaNode, report: NodeReport) -> None:
 async def publish(resource_store: store.Store, name: str, report: NodeReport) -> None:
     """Write `report` into the LlamaNode `name`, creating it first when it does not exist."""
 
-    def write(node: resources.LlamaNode) -> None:
+    def write_spec(node: resources.LlamaNode) -> None:
+        apply_spec(node, report)
+
+    def write_status(node: resources.LlamaNode) -> None:
         apply(node, report)
 
-    if await updates.update(resource_store, resources.LlamaNode, name, write) is not None:
-        return
-    fresh = resources.LlamaNode(metadata=resources.ObjectMeta(name=name))
-    apply_spec(fresh, report)
-    with contextlib.suppress(store.AlreadyExists):  # another writer was quicker; the update below still lands
-        await resource_store.create(fresh)
-    await updates.update(resource_store, resources.LlamaNode, name, write)
+    if await writes.update(resource_store, resources.LlamaNode, name, write_spec) is None:
+        fresh = resources.LlamaNode(metadata=resources.ObjectMeta(name=name))
+        apply_spec(fresh, report)
+        with contextlib.suppress(store.AlreadyExists):  # another writer was quicker; the writes below still land
+            await resource_store.create(fresh)
+        await writes.update(resource_store, resources.LlamaNode, name, write_spec)
+    await writes.update_status(resource_store, resources.LlamaNode, name, write_status)

@@ -119,7 +119,7 @@ def plan(
 
 
 def _without_process(instance: resources.LlamaInstance, *, finished_uids: Collection[str]) -> list[Action]:
-    phase = instance.status.phase
+    phase = instance.phase
     if instance.metadata.uid in finished_uids:
         return []  # it ran here and ended; its final status may still be on its way through the watch
     if phase is resources.Phase.SCHEDULED:

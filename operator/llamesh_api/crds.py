@@ -68,7 +68,7 @@ def render(kind: type[resources.Resource]) -> dict[str, Any]:
         "metadata": {"name": f"{kind.plural}.{resources.GROUP}"},
         "spec": {
             "group": resources.GROUP,
-            "scope": "Namespaced",
+            "scope": "Namespaced" if kind.namespaced else "Cluster",
             "names": {
                 "kind": kind.kind_name,
                 "listKind": f"{kind.kind_name}List",

@@ -68,6 +68,7 @@ class Resource(_Wire):
     kind_name: ClassVar[str]
     plural: ClassVar[str]
     short_name: ClassVar[str]
+    namespaced: ClassVar[bool] = True
 
     api_version: str = API_VERSION
     kind: str = ""
@@ -196,6 +197,17 @@ class LlamaInstance(Resource):
     def key(self) -> str:
         return f"{self.spec.model}:{self.spec.profile}"
 
+    @property
+    def phase(self) -> Phase:
+        """The phase to decide on: a Pending instance that the operator bound to a node is Scheduled.
+
+        Binding is a spec write alone (the operator owns `spec.nodeName`, the agent owns `status`), so
+        `status.phase` stays Pending until the node's agent picks the instance up.
+        """
+        if self.status.phase is Phase.PENDING and self.spec.node_name:
+            return Phase.SCHEDULED
+        return self.status.phase
+
 
 # --- LlamaNode ------------------------------------------------------------------------------------
 
@@ -241,6 +253,7 @@ class LlamaNode(Resource):
     kind_name = "LlamaNode"
     plural = "llamanodes"
     short_name = "ln"
+    namespaced = False  # a host belongs to the cluster, like a Node
 
     spec: NodeSpec = Field(default_factory=NodeSpec)
     status: NodeStatus = Field(default_factory=NodeStatus)

@@ -1,8 +1,13 @@
 """The operator's reconcile loop over a Store: read the world, `planning.plan` it, apply the actions.
 
-Level-triggered: it runs on every change it is told about and on a timer, and each run starts from what
-the store holds now, so a missed event or a restart costs nothing. Applying an action that raced with
-another writer (the object is gone or changed) is skipped; the next run sees the new world.
+Level-triggered: it runs on every change its informers report and on a timer, and each run starts from what
+the store holds now (a fresh list, not the informers' caches, so a pass never acts twice on a world that
+its own last write already changed), so a missed event or a restart costs nothing. Applying an action that
+raced with another writer (the object is gone or changed) is skipped; the next run sees the new world.
+
+It writes only what the operator owns (`store`'s table): `spec.nodeName` (binding — a spec write alone),
+`spec.drain`, instance deletes and creates (min instances), and `LlamaModel.status`. Why an instance cannot
+be placed is logged once per change of reason (Kubernetes Events come with the Kubernetes driver).
 
 It decides nothing itself — every decision is in `planning`.
 """
@@ -15,7 +20,7 @@ import logging
 import secrets
 from collections.abc import Callable
 
-from llamesh_api import config, resources, store
+from llamesh_api import config, informer, resources, store, writes
 from llamesh_operator import planning
 
 log = logging.getLogger(__name__)
@@ -33,14 +38,18 @@ class Controller:
         self._defaults = defaults
         self._interval = interval
         self._wake = asyncio.Event()
+        self._unschedulable: dict[str, str] = {}  # instance → the reason last logged
 
     async def reconcile_once(self) -> list[planning.Action]:
         world = planning.World(
-            models=await self._store.list(resources.LlamaModel),
-            instances=await self._store.list(resources.LlamaInstance),
-            nodes=await self._store.list(resources.LlamaNode),
+            models=(await self._store.list(resources.LlamaModel)).items,
+            instances=(await self._store.list(resources.LlamaInstance)).items,
+            nodes=(await self._store.list(resources.LlamaNode)).items,
             defaults=self._defaults(),
         )
+        self._unschedulable = {
+            name: why for name, why in self._unschedulable.items() if any(i.name == name for i in world.instances)
+        }
         now = store.utcnow()
         actions = planning.plan(world, now=now)
         for action in actions:
@@ -53,7 +62,10 @@ class Controller:
     async def run(self) -> None:
         """Reconcile on every watched change and at least every `interval` seconds, until cancelled."""
         watchers = [
-            asyncio.create_task(self._watch(kind), name=f"operator-watch-{kind.kind_name}")
+            asyncio.create_task(
+                informer.Informer(self._store, kind, on_event=self._changed, on_listed=self._changed).run(),
+                name=f"operator-watch-{kind.kind_name}",
+            )
             for kind in (resources.LlamaModel, resources.LlamaInstance, resources.LlamaNode)
         ]
         try:
@@ -72,34 +84,31 @@ class Controller:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
 
-    async def _watch(self, kind: type[resources.Resource]) -> None:
-        async for _event in self._store.watch(kind):
-            self._wake.set()
+    def _changed(self, _change: object) -> None:
+        self._wake.set()
 
     async def _apply(self, action: planning.Action) -> None:
         match action:
             case planning.Bind(instance=name, node=node_name):
 
                 def bind(obj: resources.LlamaInstance) -> None:
-                    obj.spec.node_name = node_name
-                    obj.status.phase = resources.Phase.SCHEDULED
-                    obj.status.message = f"bound to {node_name}"
+                    if not obj.spec.node_name:  # a binding is never moved
+                        obj.spec.node_name = node_name
 
-                await self._store.update(resources.LlamaInstance, name, bind)
-                log.info("instance %s bound to node %s", name, node_name)
+                if await writes.update(self._store, resources.LlamaInstance, name, bind) is not None:
+                    log.info("instance %s bound to node %s", name, node_name)
             case planning.Unschedulable(instance=name, message=message):
-                await self._store.update(
-                    resources.LlamaInstance, name, lambda obj: setattr(obj.status, "message", message)
-                )
-                log.warning("instance %s: %s", name, message)
+                if self._unschedulable.get(name) != message:
+                    self._unschedulable[name] = message
+                    log.warning("instance %s: %s", name, message)
             case planning.Drain(instance=name, reason=reason):
 
                 def drain(obj: resources.LlamaInstance) -> None:
                     obj.spec.drain = True
                     obj.spec.drain_reason = reason
 
-                await self._store.update(resources.LlamaInstance, name, drain)
-                log.info("instance %s draining: %s", name, reason)
+                if await writes.update(self._store, resources.LlamaInstance, name, drain) is not None:
+                    log.info("instance %s draining: %s", name, reason)
             case planning.Delete(instance=name, reason=reason):
                 await self._store.delete(resources.LlamaInstance, name)
                 log.info("instance %s deleted: %s", name, reason)
@@ -107,7 +116,9 @@ class Controller:
                 created = await self._store.create(new_instance(model, profile, args_hash=args_hash, reason=reason))
                 log.info("instance %s created: %s", created.name, reason.value)
             case planning.SetModelStatus(model=model, status=status):
-                await self._store.update(resources.LlamaModel, model, lambda obj: setattr(obj, "status", status))
+                await writes.update_status(
+                    self._store, resources.LlamaModel, model, lambda obj: setattr(obj, "status", status)
+                )
 
 
 def new_instance(model: str, profile: str, *, args_hash: str, reason: resources.Reason) -> resources.LlamaInstance:

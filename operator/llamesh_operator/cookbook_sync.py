@@ -17,7 +17,7 @@ from pathlib import Path
 
 import watchfiles
 
-from llamesh_api import cookbook, loading, resources, store
+from llamesh_api import cookbook, loading, resources, store, writes
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,12 @@ class CookbookFile:
             await self.load()
 
     async def _apply(self, book: cookbook.Cookbook) -> None:
-        changes = diff_models(book, await self._store.list(resources.LlamaModel))
+        changes = diff_models(book, (await self._store.list(resources.LlamaModel)).items)
         for model in changes.create:
             await self._store.create(resources.LlamaModel.from_cookbook(model))
             log.info("cookbook: model %s added", model.name)
         for model in changes.update:
-            await self._store.update(resources.LlamaModel, model.name, _set_spec(model.spec()))
+            await writes.update(self._store, resources.LlamaModel, model.name, _set_spec(model.spec()))
             log.info("cookbook: model %s changed", model.name)
         for name in changes.delete:
             await self._store.delete(resources.LlamaModel, name)

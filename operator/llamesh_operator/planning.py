@@ -113,14 +113,14 @@ def _instance_key(instance: resources.LlamaInstance) -> str:
 
 
 def _is_live(instance: resources.LlamaInstance) -> bool:
-    return instance.status.phase in LIVE_PHASES and not instance.spec.drain
+    return instance.phase in LIVE_PHASES and not instance.spec.drain
 
 
 def _retire(world: World, profiles: dict[str, cookbook.Profile], *, now: datetime.datetime) -> list[Action]:
     """Finished instances go; instances of a removed, disabled or changed profile drain (or go, if unstarted)."""
     actions: list[Action] = []
     for instance in world.instances:
-        phase = instance.status.phase
+        phase = instance.phase
         if phase is resources.Phase.STOPPED:
             actions.append(Delete(instance.name, "stopped"))
             continue
@@ -149,13 +149,13 @@ def _place(world: World, profiles: dict[str, cookbook.Profile], *, retired: set[
     node_load = {node.name: _node_usage(node, world.instances) for node in world.nodes}
     live_per_profile: dict[str, int] = {}
     for instance in world.instances:
-        if _is_live(instance) and instance.status.phase is not resources.Phase.PENDING:
+        if _is_live(instance) and instance.phase is not resources.Phase.PENDING:
             live_per_profile[_instance_key(instance)] = live_per_profile.get(_instance_key(instance), 0) + 1
     pending = sorted(
         (
             instance
             for instance in world.instances
-            if instance.status.phase is resources.Phase.PENDING
+            if instance.phase is resources.Phase.PENDING
             and not instance.spec.node_name
             and not instance.spec.drain
             and instance.name not in retired
@@ -182,8 +182,7 @@ def _place(world: World, profiles: dict[str, cookbook.Profile], *, retired: set[
                         Drain(name, f"capacity: making room for {instance.spec.model}:{instance.spec.profile}")
                     )
                 why_not = f"Waiting for room on {node_name}: idle instances of other models are stopping"
-            if instance.status.message != why_not:
-                actions.append(Unschedulable(instance.name, why_not))
+            actions.append(Unschedulable(instance.name, why_not))
             continue
         load = node_load[chosen]
         node_load[chosen] = _Usage(load.instances + 1, load.vram_mb + need_vram, load.sysmem_mb + need_sysmem)
@@ -203,7 +202,7 @@ def _node_usage(node: resources.LlamaNode, instances: Iterable[resources.LlamaIn
     """What is committed on a node: live instances bound to it, at their peak or estimated memory."""
     count = vram = sysmem = 0
     for instance in instances:
-        if instance.spec.node_name != node.name or instance.status.phase.is_terminal:
+        if instance.spec.node_name != node.name or instance.phase.is_terminal:
             continue
         count += 1
         used = _footprint(instance, node)
@@ -258,7 +257,7 @@ def _make_room(
     for node in world.nodes:
         if not node.status.ready or node.status.draining:
             continue
-        mine = [i for i in world.instances if i.spec.node_name == node.name and not i.status.phase.is_terminal]
+        mine = [i for i in world.instances if i.spec.node_name == node.name and not i.phase.is_terminal]
         freeing = _Usage(0, 0, 0)
         for instance in mine:
             if instance.spec.drain or instance.name in retired:
@@ -271,7 +270,7 @@ def _make_room(
                 for i in mine
                 if _is_live(i)
                 and i.name not in retired
-                and i.status.phase is resources.Phase.READY
+                and i.phase is resources.Phase.READY
                 and i.status.in_flight == 0
                 and _instance_key(i) != wanted_by
                 and live[_instance_key(i)] > (profiles[k].min_instances if (k := _instance_key(i)) in profiles else 0)
@@ -333,7 +332,7 @@ def _evict_idle(
             ready_per_profile[_instance_key(instance)] = ready_per_profile.get(_instance_key(instance), 0) + 1
     idle_first = sorted(world.instances, key=lambda i: _seconds(i.status.last_request_at or i.status.ready_at))
     for instance in idle_first:
-        if instance.name in retired or not _is_live(instance) or instance.status.phase is not resources.Phase.READY:
+        if instance.name in retired or not _is_live(instance) or instance.phase is not resources.Phase.READY:
             continue
         key = _instance_key(instance)
         profile = profiles.get(key)
@@ -374,8 +373,8 @@ def _model_statuses(world: World, profiles: dict[str, cookbook.Profile]) -> list
             key = _key(model.name, profile.id)
             if key not in profiles:
                 continue
-            mine = [i for i in world.instances if _instance_key(i) == key and not i.status.phase.is_terminal]
-            ready = [i for i in mine if i.status.phase is resources.Phase.READY and not i.spec.drain]
+            mine = [i for i in world.instances if _instance_key(i) == key and not i.phase.is_terminal]
+            ready = [i for i in mine if i.phase is resources.Phase.READY and not i.spec.drain]
             params = next((i.status.parsed_model_params for i in ready if i.status.parsed_model_params), None)
             status.profiles[profile.id] = resources.ProfileStatus(
                 args_hash=profile.args_hash(),

@@ -96,13 +96,8 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
-    await following.prime(gw)
-    tasks = [
-        asyncio.create_task(following.follow_models(gw), name="gateway: watch models"),
-        asyncio.create_task(following.follow_instances(gw), name="gateway: watch instances"),
-        asyncio.create_task(following.follow_nodes(gw), name="gateway: watch nodes"),
-        asyncio.create_task(following.publish_usage(gw), name="gateway: publish usage"),
-    ]
+    tasks = await following.follow(gw)  # returns once every kind is listed: the catalog is full
+    tasks.append(asyncio.create_task(following.publish_usage(gw), name="gateway: publish usage"))
     yield
     for task in tasks:
         task.cancel()

@@ -91,7 +91,7 @@ def is_routable(instance: resources.LlamaInstance) -> bool:
 
 
 def is_starting(instance: resources.LlamaInstance) -> bool:
-    return instance.status.phase in _STARTING_PHASES and not instance.spec.drain
+    return instance.phase in _STARTING_PHASES and not instance.spec.drain
 
 
 def base_url(instance: resources.LlamaInstance) -> str:
@@ -195,8 +195,8 @@ class Catalog:
             self._urls[name] = base_url(instance)
         else:
             self._urls.pop(name, None)
-        failed_now = instance.status.phase is resources.Phase.FAILED and (
-            previous is None or previous.status.phase is not resources.Phase.FAILED
+        failed_now = instance.phase is resources.Phase.FAILED and (
+            previous is None or previous.phase is not resources.Phase.FAILED
         )
         return InstanceChange(pool, failed_unready=failed_now and instance.status.ready_at is None)
 

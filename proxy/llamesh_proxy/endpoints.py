@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import exposition
 
-from llamesh_api import resources
+from llamesh_api import resources, writes
 from llamesh_proxy import catalog, errors, gateway
 
 
@@ -145,5 +145,5 @@ async def rebuild_llama(request: web.Request) -> web.Response:
             raise errors.Conflict("Rebuild already in progress")
         current.spec.rebuild_requests += 1
 
-    await gw.store.update(resources.LlamaNode, gw.node_name, bump)
+    await writes.update(gw.store, resources.LlamaNode, gw.node_name, bump)
     return web.json_response({"status": "accepted", "message": "Rebuild triggered in background"}, status=202)

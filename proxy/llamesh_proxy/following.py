@@ -1,15 +1,16 @@
 """The gateway's store traffic in the background: watching resources into the catalog, publishing usage.
 
-`prime` lists models, instances and nodes once at startup so the first request finds a full catalog;
-`follow` then watches each kind for good — a watch that fails or ends is re-listed and re-opened, so
-missed events never leave the caches wrong (level-triggered, as on a real API server whose watches expire).
+`follow` runs an `informer.Informer` per kind: each lists (replacing that part of the catalog), then
+watches from the list's version, and lists again whenever a watch cannot resume — so missed events never
+leave the caches wrong (level-triggered, as on a real API server whose watches expire).
 Every instance event re-evaluates that instance's pool (grant waiters a new READY instance, fail them on a
 spawn failure); every model event re-evaluates every pool.
 
 `publish_usage` writes this gateway's traffic per instance (`status.usage[gateway_id]`: in flight, last
 request) about once a second and only when it changed — never a store write per request — and at once
-when an instance it holds requests on is marked drained. The operator's idle eviction and the agent's
-drain read it.
+when an instance it holds requests on is marked drained. Each write is a merge patch of this replica's own
+usage entry and nothing else, so replicas and the agent never overwrite each other. The operator's idle
+eviction and the agent's drain read it.
 """
 
 from __future__ import annotations
@@ -19,61 +20,48 @@ import contextlib
 import dataclasses
 import datetime
 import logging
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Iterable
+from typing import Any
 
-from llamesh_api import resources, store
+from llamesh_api import informer, resources, store
 from llamesh_proxy import gateway
 
 logger = logging.getLogger(__name__)
 
-RETRY_S = 1.0
-R = TypeVar("R", bound=resources.Resource)
 
-
-async def prime(gw: gateway.Gateway) -> None:
-    """Fill the catalog from one listing of each kind."""
-    gw.catalog.replace_nodes(await gw.store.list(resources.LlamaNode))
-    _models_replaced(gw, await gw.store.list(resources.LlamaModel))
-    _instances_replaced(gw, await gw.store.list(resources.LlamaInstance))
-
-
-async def follow_models(gw: gateway.Gateway) -> None:
-    await _follow(gw.store, resources.LlamaModel, lambda e: _model_event(gw, e), lambda o: _models_replaced(gw, o))
-
-
-async def follow_instances(gw: gateway.Gateway) -> None:
-    await _follow(
-        gw.store, resources.LlamaInstance, lambda e: _instance_event(gw, e), lambda o: _instances_replaced(gw, o)
-    )
-
-
-async def follow_nodes(gw: gateway.Gateway) -> None:
-    await _follow(
-        gw.store, resources.LlamaNode, lambda e: gw.catalog.apply_node(e.type, e.object), gw.catalog.replace_nodes
-    )
-
-
-async def _follow(
-    source: store.Store,
-    kind: type[R],
-    apply: Callable[[store.Event[R]], None],
-    replace: Callable[[list[R]], None],
-) -> None:
-    relist = False
-    while True:
-        try:
-            if relist:
-                replace(await source.list(kind))
-            relist = True
-            async for event in source.watch(kind):
-                apply(event)
-            logger.info("watch of %s ended; re-listing", kind.kind_name)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.warning("watch of %s failed; re-listing in %.0f s", kind.kind_name, RETRY_S, exc_info=True)
-            await asyncio.sleep(RETRY_S)
+async def follow(gw: gateway.Gateway) -> list[asyncio.Task[None]]:
+    """Start an informer per kind — nodes, then models, then instances, each listed before the next starts,
+    so the first request finds a full catalog — and return their tasks."""
+    informers: list[informer.Informer[Any]] = [
+        informer.Informer(
+            gw.store,
+            resources.LlamaNode,
+            on_event=lambda e: gw.catalog.apply_node(e.type, e.object),
+            on_listed=gw.catalog.replace_nodes,
+        ),
+        informer.Informer(
+            gw.store,
+            resources.LlamaModel,
+            on_event=lambda e: _model_event(gw, e),
+            on_listed=lambda objs: _models_replaced(gw, objs),
+        ),
+        informer.Informer(
+            gw.store,
+            resources.LlamaInstance,
+            on_event=lambda e: _instance_event(gw, e),
+            on_listed=lambda objs: _instances_replaced(gw, objs),
+        ),
+    ]
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for each in informers:
+            tasks.append(asyncio.create_task(each.run(), name=f"gateway: watch {each.kind.kind_name}"))
+            await each.listed.wait()
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    return tasks
 
 
 def _model_event(gw: gateway.Gateway, event: store.Event[resources.LlamaModel]) -> None:
@@ -146,11 +134,8 @@ async def publish_once(gw: gateway.Gateway, published: dict[str, Usage]) -> None
             last_request_at=datetime.datetime.fromtimestamp(stamp, datetime.UTC) if stamp is not None else None,
         )
 
-        def mutate(instance: resources.LlamaInstance, report: resources.GatewayUsage = report) -> None:
-            instance.status.usage[gw.gateway_id] = report
-
         try:
-            await gw.store.update(resources.LlamaInstance, name, mutate)
+            await gw.store.patch_status(resources.LlamaInstance, name, {"usage": {gw.gateway_id: report.to_wire()}})
         except store.NotFound:
             published.pop(name, None)
         except Exception:

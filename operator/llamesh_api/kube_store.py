@@ -1,0 +1,106 @@
+"""The Store on the Kubernetes API: llamesh's custom resources as the API server keeps them.
+
+`LlamaModel` and `LlamaInstance` live in one namespace (the store's), `LlamaNode` is cluster-scoped, all in
+`llamesh.dev/v1alpha1` (the CRDs in `crds/`). Each Store method is one API call (two for nothing):
+
+- `create` → POST (the server drops `status`: status subresource), `patch` → merge PATCH of the object
+  with `metadata.resourceVersion` as the precondition when given, `patch_status` → merge PATCH of
+  `/status`, `delete` → DELETE (finalizers make it a mark), `get`/`list` → GET;
+- `watch` → GET `?watch=true&resourceVersion=…&timeoutSeconds=…`; an `ERROR` event with code 410 (or an
+  HTTP 410) raises `store.Gone`; the stream ending at the server's timeout ends the iteration.
+
+Objects are read with `store.from_wire`, so fields this version does not know are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar, cast
+
+from llamesh_api import kube_client, resources, store
+
+R = TypeVar("R", bound=resources.Resource)
+
+WATCH_TIMEOUT_S = 300  # the server ends each watch after this; the informer opens the next one
+
+
+class KubeStore:
+    def __init__(self, client: kube_client.Client, *, watch_timeout_s: int = WATCH_TIMEOUT_S) -> None:
+        self.client = client
+        self.namespace = client.connection.namespace
+        self._watch_timeout_s = watch_timeout_s
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def path(self, kind: type[resources.Resource], name: str | None = None, *, subresource: str = "") -> str:
+        base = f"/apis/{resources.GROUP}/{resources.VERSION}"
+        if kind.namespaced:
+            base += f"/namespaces/{self.namespace}"
+        base += f"/{kind.plural}"
+        if name is not None:
+            base += f"/{name}"
+        if subresource:
+            base += f"/{subresource}"
+        return base
+
+    async def get(self, kind: type[R], name: str) -> R | None:
+        try:
+            wire = await self.client.request("GET", self.path(kind, name))
+        except store.NotFound:
+            return None
+        return store.from_wire(kind, wire)
+
+    async def list(self, kind: type[R]) -> store.Listing[R]:
+        wire = await self.client.request("GET", self.path(kind))
+        items = [store.from_wire(kind, item) for item in wire.get("items", [])]
+        return store.Listing(items, str(wire.get("metadata", {}).get("resourceVersion", "")))
+
+    async def create(self, obj: R) -> R:
+        body = obj.to_wire()
+        body.pop("status", None)
+        metadata = body.setdefault("metadata", {})
+        for server_field in ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp"):
+            metadata.pop(server_field, None)
+        if obj.namespaced:
+            metadata["namespace"] = self.namespace
+        else:
+            metadata.pop("namespace", None)
+        wire = await self.client.request("POST", self.path(type(obj)), body=body)
+        return store.from_wire(type(obj), wire)
+
+    async def patch(self, kind: type[R], name: str, patch: store.Patch, *, resource_version: str | None = None) -> R:
+        body: dict[str, Any] = {key: value for key, value in patch.items() if key in ("metadata", "spec")}
+        if resource_version is not None:
+            body.setdefault("metadata", {})["resourceVersion"] = resource_version
+        wire = await self.client.request(
+            "PATCH", self.path(kind, name), body=body, content_type="application/merge-patch+json"
+        )
+        return store.from_wire(kind, wire)
+
+    async def patch_status(
+        self, kind: type[R], name: str, patch: store.Patch, *, resource_version: str | None = None
+    ) -> R:
+        body: dict[str, Any] = {"status": patch}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        wire = await self.client.request(
+            "PATCH", self.path(kind, name, subresource="status"), body=body, content_type="application/merge-patch+json"
+        )
+        return store.from_wire(kind, wire)
+
+    async def delete(self, kind: type[R], name: str) -> None:
+        await self.client.request("DELETE", self.path(kind, name))
+
+    async def watch(self, kind: type[R], *, resource_version: str | None = None) -> AsyncIterator[store.Event[R]]:
+        params = {"watch": "true", "timeoutSeconds": str(self._watch_timeout_s)}
+        if resource_version:
+            params["resourceVersion"] = resource_version
+        async for line in self.client.stream(self.path(kind), params=params, timeout_s=self._watch_timeout_s):
+            event_type, wire = line.get("type"), line.get("object") or {}
+            if event_type == "ERROR":
+                raise kube_client.error_for(int(wire.get("code") or 500), json.dumps(wire))
+            if event_type in ("ADDED", "MODIFIED", "DELETED"):
+                yield store.Event(cast(store.EventType, event_type), store.from_wire(kind, wire))
+            # BOOKMARK and anything newer: nothing to apply
