@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from llamesh_api import kube_client, kube_store, resources, store
+from llamesh_api import kube_client, kube_store, resources, retrying, store
 from rig import apiserver, kmock_kube
 
 ROOT = Path(__file__).parent.parent
@@ -76,12 +76,14 @@ def kube_backend(name: str, kube: kube_store.KubeStore, expire: Callable[[type[r
 
 
 @contextlib.asynccontextmanager
-async def kmock_backend() -> AsyncIterator[tuple[Backend, Any]]:
+async def kmock_backend(
+    *, policy: retrying.Policy = retrying.DEFAULT
+) -> AsyncIterator[tuple[Backend, kmock_kube.KubeEmulator]]:
     async with kmock_kube.running() as emulator:
         connection = kube_client.Connection(
             server=str(emulator.url).rstrip("/"), namespace="default", ssl_context=False
         )
-        kube = kube_store.KubeStore(kube_client.Client(connection), watch_timeout_s=30)
+        kube = kube_store.KubeStore(kube_client.Client(connection, policy=policy), watch_timeout_s=30)
 
         async def expire(kind: type[resources.Resource]) -> None:
             emulator.expire_watches(kind.plural)

@@ -22,7 +22,7 @@ import pytest_asyncio
 
 import store_backends
 from llamesh_api import informer, resources, store, writes
-from rig import apiserver, waiting
+from rig import apiserver, kmock_kube, waiting
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -34,7 +34,7 @@ async def real_apiserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def kmock_pair() -> AsyncIterator[tuple[store_backends.Backend, object]]:
+async def kmock_pair() -> AsyncIterator[tuple[store_backends.Backend, kmock_kube.KubeEmulator]]:
     async with store_backends.kmock_backend() as pair:
         yield pair
 
@@ -43,7 +43,7 @@ async def kmock_pair() -> AsyncIterator[tuple[store_backends.Backend, object]]:
 async def backend(
     request: pytest.FixtureRequest,
     real_apiserver: apiserver.ApiServer,
-    kmock_pair: tuple[store_backends.Backend, object],
+    kmock_pair: tuple[store_backends.Backend, kmock_kube.KubeEmulator],
 ) -> AsyncIterator[store_backends.Backend]:
     async with contextlib.AsyncExitStack() as stack:
         if request.param == "memory":
