@@ -108,7 +108,7 @@ def assets_dir() -> Path | None:
         return None
     try:
         completed = subprocess.run(
-            [str(SHARED_ASSETS_SCRIPT)], capture_output=True, text=True, timeout=300, check=False
+            ["bash", str(SHARED_ASSETS_SCRIPT)], capture_output=True, text=True, timeout=300, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
