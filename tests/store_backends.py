@@ -33,6 +33,7 @@ class Backend:
     store: store.Store
     expire: Callable[[type[resources.Resource]], Awaitable[None]]
     raw_get: Callable[[type[resources.Resource], str], Awaitable[dict[str, Any] | None]]
+    raw_create: Callable[[type[resources.Resource], dict[str, Any]], Awaitable[None]]
     allow_unknown_field: Callable[[type[resources.Resource], str], Awaitable[None]]
     cleanup: Callable[[], Awaitable[None]]
 
@@ -52,7 +53,10 @@ async def memory() -> AsyncIterator[Backend]:
         found = await memory_store.get(kind, name)
         return found.to_wire() if found is not None else None
 
-    yield Backend("memory", memory_store, expire, raw_get, _nothing, _nothing)
+    async def raw_create(kind: type[resources.Resource], wire: dict[str, Any]) -> None:
+        await memory_store.create(store.from_wire(kind, wire))
+
+    yield Backend("memory", memory_store, expire, raw_get, raw_create, _nothing, _nothing)
 
 
 def kube_backend(name: str, kube: kube_store.KubeStore, expire: Callable[[type[resources.Resource]], Awaitable[None]]
@@ -63,6 +67,9 @@ def kube_backend(name: str, kube: kube_store.KubeStore, expire: Callable[[type[r
         except store.NotFound:
             return None
 
+    async def raw_create(kind: type[resources.Resource], wire: dict[str, Any]) -> None:
+        await kube.client.request("POST", kube.path(kind), body={"apiVersion": resources.API_VERSION, **wire})
+
     async def cleanup() -> None:
         """Delete every object the test left (finalizers cleared first), so tests do not see each other's."""
         for kind in resources.RESOURCE_KINDS:
@@ -72,7 +79,7 @@ def kube_backend(name: str, kube: kube_store.KubeStore, expire: Callable[[type[r
                         await kube.patch(kind, obj.name, {"metadata": {"finalizers": None}})
                     await kube.delete(kind, obj.name)
 
-    return Backend(name, kube, expire, raw_get, allow, cleanup)
+    return Backend(name, kube, expire, raw_get, raw_create, allow, cleanup)
 
 
 @contextlib.asynccontextmanager

@@ -202,6 +202,37 @@ async def test_fields_this_version_does_not_know_are_ignored_on_read(backend: st
     assert [item.status.phase for item in listed] == [resources.Phase.READY]
 
 
+async def test_an_object_the_models_refuse_never_breaks_lists_or_watches(backend: store_backends.Backend) -> None:
+    """The CRD's schema admits a profile with two model sources; the cookbook's rules do not."""
+    good = {"metadata": {"name": "good"}, "spec": {"profiles": [{"id": "default", "modelPath": "/m.gguf"}]}}
+    bad = {
+        "kind": "LlamaModel",
+        "metadata": {"name": "bad"},
+        "spec": {"profiles": [{"id": "default", "modelPath": "/m.gguf", "hfRepo": "org/repo"}]},
+    }
+    await backend.raw_create(resources.LlamaModel, {"kind": "LlamaModel", **good})
+    if backend.name == "memory":
+        with pytest.raises(ValueError):  # bare metal validates on the way in (cookbook loading says where)
+            await backend.raw_create(resources.LlamaModel, bad)
+        return
+    await backend.raw_create(resources.LlamaModel, bad)
+    assert [m.name for m in (await backend.store.list(resources.LlamaModel)).items] == ["good"]
+    with pytest.raises(store.Invalid, match="'bad'"):
+        await backend.store.get(resources.LlamaModel, "bad")
+    watcher = informer.Informer(backend.store, resources.LlamaModel)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(watcher.listed.wait(), 20)
+        await backend.raw_create(resources.LlamaModel, {**bad, "metadata": {"name": "bad-two"}})
+        await backend.raw_create(resources.LlamaModel, {"kind": "LlamaModel", **good, "metadata": {"name": "fine"}})
+        await waiting.eventually(lambda: "fine" in watcher.cache, within_s=20, what="the informer to go on")
+        assert set(watcher.cache) == {"good", "fine"} and watcher.failures == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def test_watch_from_a_version_reports_later_changes_in_order(backend: store_backends.Backend) -> None:
     await backend.store.create(instance("old"))
     listing = await backend.store.list(resources.LlamaInstance)

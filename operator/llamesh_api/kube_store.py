@@ -9,16 +9,25 @@
 - `watch` → GET `?watch=true&resourceVersion=…&timeoutSeconds=…`; an `ERROR` event with code 410 (or an
   HTTP 410) raises `store.Gone`; the stream ending at the server's timeout ends the iteration.
 
-Objects are read with `store.from_wire`, so fields this version does not know are ignored.
+Objects are read with `store.from_wire`, so fields this version does not know are ignored. An object that
+the API server accepted but the resource models refuse (a `LlamaModel` whose spec passes the CRD's schema
+but not the cookbook's rules: two model sources, a `:` in a profile id) is left out of lists and watches
+with a warning — one bad object must not stop every role's informer — and `get` raises `store.Invalid`
+for it. The operator reports such a model as `Accepted=False`, with the reason.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar, cast
 
+import pydantic
+
 from llamesh_api import kube_client, resources, store
+
+log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=resources.Resource)
 
@@ -50,11 +59,11 @@ class KubeStore:
             wire = await self.client.request("GET", self.path(kind, name))
         except store.NotFound:
             return None
-        return store.from_wire(kind, wire)
+        return _read(kind, wire)
 
     async def list(self, kind: type[R]) -> store.Listing[R]:
         wire = await self.client.request("GET", self.path(kind))
-        items = [store.from_wire(kind, item) for item in wire.get("items", [])]
+        items = [obj for obj in (_readable(kind, item) for item in wire.get("items", [])) if obj is not None]
         return store.Listing(items, str(wire.get("metadata", {}).get("resourceVersion", "")))
 
     async def create(self, obj: R) -> R:
@@ -77,7 +86,7 @@ class KubeStore:
         wire = await self.client.request(
             "PATCH", self.path(kind, name), body=body, content_type="application/merge-patch+json"
         )
-        return store.from_wire(kind, wire)
+        return _read(kind, wire)
 
     async def patch_status(
         self, kind: type[R], name: str, patch: store.Patch, *, resource_version: str | None = None
@@ -88,7 +97,7 @@ class KubeStore:
         wire = await self.client.request(
             "PATCH", self.path(kind, name, subresource="status"), body=body, content_type="application/merge-patch+json"
         )
-        return store.from_wire(kind, wire)
+        return _read(kind, wire)
 
     async def delete(self, kind: type[R], name: str) -> None:
         await self.client.request("DELETE", self.path(kind, name))
@@ -102,5 +111,33 @@ class KubeStore:
             if event_type == "ERROR":
                 raise kube_client.error_for(int(wire.get("code") or 500), json.dumps(wire))
             if event_type in ("ADDED", "MODIFIED", "DELETED"):
-                yield store.Event(cast(store.EventType, event_type), store.from_wire(kind, wire))
+                obj = _readable(kind, wire)
+                if obj is not None:
+                    yield store.Event(cast(store.EventType, event_type), obj)
             # BOOKMARK and anything newer: nothing to apply
+
+
+def _read(kind: type[R], wire: dict[str, Any]) -> R:
+    try:
+        return store.from_wire(kind, wire)
+    except pydantic.ValidationError as exc:
+        name = wire.get("metadata", {}).get("name")
+        raise store.Invalid(f"{kind.kind_name} {name!r} cannot be read: {_first_error(exc)}") from exc
+
+
+def _readable(kind: type[R], wire: dict[str, Any]) -> R | None:
+    try:
+        return _read(kind, wire)
+    except store.Invalid as exc:
+        log.warning("%s; left out until it is fixed", exc)
+        return None
+
+
+def _first_error(exc: pydantic.ValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return str(exc)
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg', '')}{more}"
