@@ -9,6 +9,7 @@ it (minutes; progress goes to the terminal); later runs reuse it in seconds.
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest_asyncio
 
 from llamesh_agent import build
 from llamesh_api import loading
-from rig import tiny_models
+from rig import apiserver, tiny_models
 
 ROOT = Path(__file__).parent.parent
 
@@ -51,3 +52,10 @@ def embedding_model(tiny_model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def reranker_model(tiny_model_dir: Path) -> Path:
     return tiny_models.write_reranker_model(tiny_model_dir / "rerank.gguf")
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def real_apiserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[apiserver.ApiServer]:
+    """One real kube-apiserver + etcd for the whole run, with the CRDs from crds/ applied."""
+    async with apiserver.running(tmp_path_factory.mktemp("apiserver")) as server:
+        yield server

@@ -216,3 +216,32 @@ def test_room_is_made_by_memory_too_but_never_from_busy_or_min_instances() -> No
     actions = run(models=[wanted, kept, other], instances=[pinned, busy, instance("new", of=wanted)],
                   nodes=[node(max_sysmem_mb=1200)])  # fmt: skip
     assert actions[0] == planning.Drain("busy", "capacity: making room for wanted:default")
+
+
+def test_a_model_being_deleted_drains_its_instances_and_deletes_unstarted_ones() -> None:
+    m = model(min_instances=1)
+    m.metadata.deletion_timestamp = NOW
+    running = instance("running", of=m, phase=resources.Phase.READY, node_name="n1", ready_at=NOW)
+    waiting = instance("waiting", of=m)
+    actions = run(models=[m], instances=[running, waiting], nodes=[node()])
+    assert planning.Drain("running", "profile_removed") in actions
+    assert planning.Delete("waiting", "profile_removed") in actions
+    assert not any(isinstance(action, planning.Create | planning.Bind) for action in actions)
+
+
+def test_model_conditions_accepted_and_ready_keep_their_transition_time() -> None:
+    m = model()
+    ready = instance("a", of=m, phase=resources.Phase.READY, node_name="n1", ready_at=NOW)
+    world = planning.World(models=[m], instances=[ready], nodes=[node()], defaults=config.ModelDefaults())
+    (status,) = [a.status for a in planning.plan(world, now=NOW) if isinstance(a, planning.SetModelStatus)]
+    conditions = {c.type: c for c in status.conditions}
+    assert conditions["Accepted"].status == "True" and conditions["Ready"].status == "True"
+    assert status.observed_generation == 1
+    m.status = status
+    later = NOW + datetime.timedelta(minutes=5)
+    assert not [a for a in planning.plan(world, now=later) if isinstance(a, planning.SetModelStatus)]
+    ready.status.phase = resources.Phase.STOPPED
+    (changed,) = [a.status for a in planning.plan(world, now=later) if isinstance(a, planning.SetModelStatus)]
+    after = {c.type: c for c in changed.conditions}
+    assert after["Ready"].status == "False" and after["Ready"].last_transition_time == later
+    assert after["Accepted"].last_transition_time == NOW

@@ -28,12 +28,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def real_apiserver(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[apiserver.ApiServer]:
-    async with apiserver.running(tmp_path_factory.mktemp("apiserver")) as server:
-        yield server
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def kmock_pair() -> AsyncIterator[tuple[store_backends.Backend, kmock_kube.KubeEmulator]]:
     async with store_backends.kmock_backend() as pair:
         yield pair

@@ -46,17 +46,17 @@ def pinned_port(args: Sequence[str]) -> int | None:
     return int(value)
 
 
-def connect_host(args: Sequence[str]) -> str:
-    """Where this node reaches the instance: the profile's `--host`, or loopback for a wildcard or none."""
+def connect_host(args: Sequence[str], *, default: str = DEFAULT_HOST) -> str:
+    """Where the instance is reached: the profile's `--host`, or `default` for a wildcard or none."""
     host = launch_args.flag_value(args, HOST_FLAGS)
-    return DEFAULT_HOST if host is None or host in _WILDCARD_HOSTS else host
+    return default if host is None or host in _WILDCARD_HOSTS else host
 
 
-def argv(binary: Path, args: Sequence[str], *, port: int) -> list[str]:
-    """The full command line; `port` is used unless the profile pins one."""
+def argv(binary: Path, args: Sequence[str], *, port: int, host: str = DEFAULT_HOST) -> list[str]:
+    """The full command line; `host` and `port` are used unless the profile pins them."""
     command = [str(binary), *args]
     if not launch_args.has_flag(args, HOST_FLAGS):
-        command += ["--host", DEFAULT_HOST]
+        command += ["--host", host]
     if not launch_args.has_flag(args, PORT_FLAGS):
         command += ["--port", str(port)]
     return command

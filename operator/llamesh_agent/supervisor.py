@@ -97,6 +97,7 @@ class Settings:
     retry_delay_s: float = 0.5
     tail_lines: int = 100  # kept for error messages
     message_lines: int = 20  # of those, put into failure messages
+    host: str = "127.0.0.1"  # where llama-server listens unless the profile pins --host (a pod's IP on Kubernetes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,7 @@ class Supervisor:
         self._settings = settings or Settings()
         self._base_env = env
         self._on_spawn = on_spawn
-        self._host = launch.connect_host(self._args)
+        self._host = launch.connect_host(self._args, default=self._settings.host)
         self._pinned_port = launch.pinned_port(self._args)
 
         self._lock = asyncio.Lock()
@@ -271,7 +272,7 @@ class Supervisor:
             self._ports.release(previous)  # only now, so a retry never gets the port that just failed
         self._transition(State.STARTING)
         self._watcher = None
-        command = launch.argv(self._binary, self._args, port=self._port)
+        command = launch.argv(self._binary, self._args, port=self._port, host=self._settings.host)
         self._exited = asyncio.Event()
         self._exit_code = None
         self._log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,10 @@ class Connection:
     ssl_context: ssl.SSLContext | bool
     token: str | None = None
     refresh: Any = None  # the kubernetes Configuration, when its token can rotate
+    ca_path: str | None = None  # for clients that take files (kopf's login)
+    cert_path: str | None = None
+    key_path: str | None = None
+    insecure: bool = False
 
     def headers(self) -> dict[str, str]:
         if self.refresh is not None and self.refresh.refresh_api_key_hook is not None:
@@ -80,6 +84,10 @@ def load(*, kubeconfig: str | None = None, context: str | None = None, namespace
         ssl_context=_ssl_context(configuration),
         token=_bearer(configuration),
         refresh=configuration if configuration.refresh_api_key_hook is not None else None,
+        ca_path=configuration.ssl_ca_cert or None,
+        cert_path=configuration.cert_file or None,
+        key_path=configuration.key_file or None,
+        insecure=not configuration.verify_ssl,
     )
 
 

@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=text)
         _add_config_args(sub, cookbook=name == "serve")
+        if name != "serve":
+            sub.add_argument(
+                "--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG or ~/.kube/config)"
+            )
+            sub.add_argument("--namespace", help="namespace of LlamaModels and LlamaInstances (default: the context's)")
     return parser
 
 
@@ -123,15 +128,23 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    print(f"error: `llamesh {args.command}` is not available in this version yet", file=sys.stderr)
-    return 2
+def _kubernetes_role(args: argparse.Namespace) -> int:
+    from llamesh_operator import kopf_operator, kube_roles, logsetup, serve
+
+    node_config = _load_config(args)
+    logsetup.configure(node_config, config_dir=_config_dir(args))
+    where = {"kubeconfig": args.kubeconfig, "namespace": args.namespace}
+    if args.command == "operator":
+        return serve.run_main(kopf_operator.operator(node_config, **where))
+    if args.command == "agent":
+        return serve.run_main(kube_roles.agent(node_config, config_dir=_config_dir(args), **where))
+    return serve.run_main(kube_roles.gateway(node_config, **where))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"validate": _validate, "build-llama": _build_llama, "serve": _serve, "crds": _crds}
-    handler = handlers.get(args.command, _not_yet)
+    handler = handlers.get(args.command, _kubernetes_role)
     try:
         return handler(args)
     except loading.ConfigError as exc:

@@ -88,7 +88,7 @@ def plan(world: World, *, now: datetime.datetime) -> list[Action]:
     retired |= {action.instance for action in actions if isinstance(action, Drain | Delete)}
     actions += _evict_idle(world, profiles, retired=retired, now=now)
     actions += _keep_minimum(world, profiles, retired=retired)
-    actions += _model_statuses(world, profiles)
+    actions += _model_statuses(world, profiles, now=now)
     return actions
 
 
@@ -96,8 +96,8 @@ def _available_profiles(models: Iterable[resources.LlamaModel]) -> dict[str, coo
     """`model:profile` → profile, for enabled profiles of enabled models (lower-case keys)."""
     found: dict[str, cookbook.Profile] = {}
     for model in models:
-        if not model.spec.enabled:
-            continue
+        if not model.spec.enabled or model.metadata.deletion_timestamp is not None:
+            continue  # a model being deleted is gone for planning: its instances drain, its finalizer waits
         for profile in model.spec.profiles:
             if profile.enabled:
                 found[_key(model.name, profile.id)] = profile
@@ -365,7 +365,7 @@ def _keep_minimum(world: World, profiles: dict[str, cookbook.Profile], *, retire
     return actions
 
 
-def _model_statuses(world: World, profiles: dict[str, cookbook.Profile]) -> list[Action]:
+def _model_statuses(world: World, profiles: dict[str, cookbook.Profile], *, now: datetime.datetime) -> list[Action]:
     actions: list[Action] = []
     for model in world.models:
         status = resources.ModelStatus(observed_generation=model.metadata.generation)
@@ -385,16 +385,34 @@ def _model_statuses(world: World, profiles: dict[str, cookbook.Profile]) -> list
             status.ready_instances += len(ready)
             status.instances += len(mine)
         status.conditions = [
-            resources.Condition(
-                type="Ready",
-                status="True" if status.ready_instances else "False",
-                reason="InstancesReady" if status.ready_instances else "NoReadyInstances",
-                message=f"{status.ready_instances} of {status.instances} instances ready",
-            )
+            _condition(model, "Accepted", True, "Valid", "the spec is valid", now=now),
+            _condition(
+                model,
+                "Ready",
+                bool(status.ready_instances),
+                "InstancesReady" if status.ready_instances else "NoReadyInstances",
+                f"{status.ready_instances} of {status.instances} instances ready",
+                now=now,
+            ),
         ]
         if status != model.status:
             actions.append(SetModelStatus(model.name, status))
     return actions
+
+
+def _condition(
+    model: resources.LlamaModel, kind: str, true: bool, reason: str, message: str, *, now: datetime.datetime
+) -> resources.Condition:
+    """A condition of `model`, keeping its last transition time while its status stays the same.
+
+    A model the planner sees was read, so its spec is valid: Accepted is True. An invalid one never reaches
+    the planner; the Kubernetes handlers say Accepted=False for it."""
+    status = "True" if true else "False"
+    previous = next((c for c in model.status.conditions if c.type == kind), None)
+    since = previous.last_transition_time if previous is not None and previous.status == status else None
+    return resources.Condition(
+        type=kind, status=status, reason=reason, message=message, last_transition_time=since or now
+    )
 
 
 def _seconds(moment: datetime.datetime | None) -> float:

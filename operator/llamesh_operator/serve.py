@@ -14,7 +14,9 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -58,7 +60,7 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
         asyncio.create_task(operator.run(), name="operator"),
         asyncio.create_task(cookbook_file.watch(), name="cookbook-watch"),
     ]
-    stop = _Signals()
+    stop = Signals()
     try:
         await runner.setup()
         # A deep backlog: a burst of clients connecting at once must not see dropped SYNs (1 s retries).
@@ -93,7 +95,7 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-class _Signals:
+class Signals:
     """SIGTERM and SIGINT as two awaitable moments: the first, and the one after it."""
 
     def __init__(self) -> None:
@@ -127,6 +129,11 @@ class _Signals:
 
 def run(node_config: config.NodeConfig, *, cookbook_path: Path, config_dir: Path) -> int:
     """Blocking entry point for the CLI: uvloop when installed, exit status for the shell."""
+    return run_main(serve(node_config, cookbook_path=cookbook_path, config_dir=config_dir))
+
+
+def run_main(main: Coroutine[Any, Any, None]) -> int:
+    """Run one role's `main` to the end on uvloop when installed; a ServeError is exit status 1."""
     try:
         import uvloop
 
@@ -135,7 +142,7 @@ def run(node_config: config.NodeConfig, *, cookbook_path: Path, config_dir: Path
         runner = asyncio.Runner()
     with runner as loop_runner:
         try:
-            loop_runner.run(serve(node_config, cookbook_path=cookbook_path, config_dir=config_dir))
+            loop_runner.run(main)
         except ServeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -65,11 +65,14 @@ async def follow(gw: gateway.Gateway) -> list[asyncio.Task[None]]:
 
 
 def _model_event(gw: gateway.Gateway, event: store.Event[resources.LlamaModel]) -> None:
-    _models_changed(gw, gw.catalog.apply_model(event.type, event.object))
+    # a model being deleted serves no new requests (its instances are draining for its finalizer)
+    kind = "DELETED" if event.object.metadata.deletion_timestamp is not None else event.type
+    _models_changed(gw, gw.catalog.apply_model(kind, event.object))
 
 
 def _models_replaced(gw: gateway.Gateway, models: Iterable[resources.LlamaModel]) -> None:
-    _models_changed(gw, gw.catalog.replace_models(models))
+    live = [model for model in models if model.metadata.deletion_timestamp is None]
+    _models_changed(gw, gw.catalog.replace_models(live))
 
 
 def _models_changed(gw: gateway.Gateway, vanished: set[str]) -> None:

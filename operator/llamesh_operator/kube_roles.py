@@ -1,0 +1,115 @@
+"""`llamesh agent` and `llamesh gateway`: one role each, as its own process, over the Kubernetes API.
+
+The same NodeAgent and gateway app as `llamesh serve`, on a `KubeStore` instead of the in-memory store.
+What the pod tells them comes from the downward API:
+
+- agent: `NODE_NAME` (the LlamaNode it publishes and the instances it runs), `POD_IP` (where llama-server
+  listens and where gateways reach it; 127.0.0.1 when unset);
+- gateway: `POD_NAME` (its replica id: the key of its `status.usage` entries), `NODE_NAME` (the node it
+  prefers for `/v1/models` parameters, if any).
+
+Shutdown follows `llamesh serve`: the first SIGTERM drains, a second one (or the grace period) exits;
+the agent stops its llama-server children on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from llamesh_agent import build, instance_runner, node_agent
+from llamesh_api import config, kube_client, kube_store
+from llamesh_operator import serve
+from llamesh_proxy import app as gateway_app
+
+log = logging.getLogger(__name__)
+
+
+def connect(*, kubeconfig: str | None, namespace: str | None) -> kube_store.KubeStore:
+    try:
+        connection = kube_client.load(kubeconfig=kubeconfig, namespace=namespace)
+    except kube_client.KubeConfigError as exc:
+        raise serve.ServeError(str(exc)) from exc
+    return kube_store.KubeStore(kube_client.Client(connection))
+
+
+async def agent(
+    node_config: config.NodeConfig, *, config_dir: Path, kubeconfig: str | None, namespace: str | None
+) -> None:
+    node_name = os.environ.get("NODE_NAME") or node_config.node_id
+    address = os.environ.get("POD_IP") or "127.0.0.1"
+    binary = build.BuildManager(node_config.llama_cpp, base_dir=config_dir, progress=_progress)
+    try:
+        built = await binary.ensure_binary()
+    except build.BuildError as exc:
+        raise serve.ServeError(f"llama-server is not available: {exc}") from exc
+    log.info("llama-server %s (llama.cpp %s)", built.binary_path, built.llama_cpp_version)
+
+    resource_store = connect(kubeconfig=kubeconfig, namespace=namespace)
+    defaults = node_agent.Timings()
+    process = dataclasses.replace(defaults.runner.process, host=address)
+    timings = dataclasses.replace(defaults, runner=instance_runner.RunnerSettings(process=process))
+    state_dir = config.resolve_path(node_config.llama_cpp.cache_dir, base_dir=config_dir) / "state"
+    node = node_agent.NodeAgent(
+        store=resource_store,
+        node_config=node_config,
+        binary=binary,
+        state_dir=state_dir,
+        config_dir=config_dir,
+        node_name=node_name,
+        address=address,
+        timings=timings,
+    )
+    task = asyncio.create_task(node.run(), name="agent")
+    stop = serve.Signals()
+    print(f"llamesh agent: node {node_name} at {address}", file=sys.stderr, flush=True)
+    try:
+        await asyncio.wait({task, asyncio.ensure_future(stop.first())}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.close()
+        await node.shutdown()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await resource_store.close()
+        log.info("llamesh agent stopped", extra={"event": "stopped"})
+
+
+async def gateway(node_config: config.NodeConfig, *, kubeconfig: str | None, namespace: str | None) -> None:
+    gateway_id = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    node_name = os.environ.get("NODE_NAME") or node_config.node_id
+    resource_store = connect(kubeconfig=kubeconfig, namespace=namespace)
+    app = gateway_app.create_app(node_config, store=resource_store, gateway_id=gateway_id, node_name=node_name)
+    runner = gateway_app.make_runner(app)
+    stop = serve.Signals()
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, node_config.listen_host, node_config.listen_port, reuse_address=True, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise serve.ServeError(f"cannot listen on {node_config.listen_addr}: {exc.strerror}") from exc
+        log.info("gateway %s serving on http://%s/v1", gateway_id, node_config.listen_addr, extra={"event": "ready"})
+        print(f"llamesh gateway: serving on http://{node_config.listen_addr}/v1", file=sys.stderr, flush=True)
+        await stop.first()
+        gateway_app.start_draining(app)
+        drained = asyncio.create_task(gateway_app.wait_idle(app, node_config.shutdown_grace_period_seconds))
+        second = asyncio.create_task(stop.second())
+        await asyncio.wait({drained, second}, return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+        second.cancel()
+    finally:
+        stop.close()
+        await runner.cleanup()
+        await resource_store.close()
+        log.info("llamesh gateway stopped", extra={"event": "stopped"})
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
