@@ -81,10 +81,29 @@ async def test_no_instance_asks_for_one_and_the_request_is_served_once_it_is_rea
 
 async def test_queue_wait_past_the_limit_is_a_queue_timeout() -> None:
     async with running(gs.model("m", gs.profile(max_instances=1, max_wait_in_queue_ms=150))) as gw:
+        starter = asyncio.create_task(gw.dispatcher.acquire(target(gw)))  # asks for the only instance
+        await gs.eventually(lambda: gs.instance_names(gw))
         with pytest.raises(errors.QueueTimeout):
-            await gw.dispatcher.acquire(target(gw))
-        assert gw.board.queue_length() == 0
+            await gw.dispatcher.acquire(target(gw))  # queues behind it, asks for nothing, times out
+        assert gw.board.queue_length() == 1
         assert gw.metrics.queue_drops["timeout"] == 1
+        starter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starter
+
+
+async def test_the_request_that_starts_an_instance_waits_for_it_past_the_queue_limit() -> None:
+    """A cold start slower than max_wait_in_queue_ms still serves the request that caused it (the seed's
+    behaviour); the startup budget bounds that wait instead."""
+    async with running(gs.model("m", gs.profile(max_instances=1, max_wait_in_queue_ms=150))) as gw:
+        starter = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+        (name,) = await gs.eventually(lambda: gs.instance_names(gw))
+        await asyncio.sleep(0.5)  # the cold start takes longer than the queue limit (what is tested: time)
+        assert not starter.done()
+        await gs.set_phase(gw.store, name, resources.Phase.READY, port=18009)
+        lease = await asyncio.wait_for(starter, 10)
+        assert lease.instance == name and lease.queued_ms >= 500
+        gw.dispatcher.release(lease)
 
 
 async def test_a_cancelled_waiter_leaves_the_queue_and_leaks_no_slot() -> None:

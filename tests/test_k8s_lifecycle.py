@@ -152,6 +152,8 @@ async def test_lifecycle_from_kubectl_apply_to_nothing_left(
         assert served.spec.node_name == "node-a" and served.phase is resources.Phase.READY
         assert served.metadata.owner_references and served.metadata.owner_references[0].name == "tiny"
         assert len(agent_llama_servers(agent)) == 1
+        events = await c.kubectl("get", "events", "--field-selector", f"involvedObject.name={served.name}")
+        assert "Created" in events and "Bound" in events, events
         await c.kubectl("wait", "--for=condition=Ready", "lm/tiny", "--timeout=30s")
         table = await c.kubectl("get", "lm,li", "-o", "wide")
         assert "tiny" in table and "Ready" in table

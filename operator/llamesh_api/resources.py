@@ -259,6 +259,30 @@ class LlamaNode(Resource):
     status: NodeStatus = Field(default_factory=NodeStatus)
 
 
+REQUESTED_BY = f"{GROUP}/requested-by"  # annotation: which gateway replica or controller asked for an instance
+
+
+def new_instance(
+    *,
+    name: str,
+    model: str,
+    model_uid: str | None,
+    profile: str,
+    args_hash: str,
+    reason: Reason,
+    requested_by: str,
+) -> LlamaInstance:
+    """The one way an instance is made (by a gateway on demand, by the operator for min instances): owned
+    by its model, so deleting the model takes its instances along where garbage collection runs."""
+    owners = []
+    if model_uid:
+        owners.append(OwnerReference(api_version=API_VERSION, kind=LlamaModel.kind_name, name=model, uid=model_uid))
+    return LlamaInstance(
+        metadata=ObjectMeta(name=name, annotations={REQUESTED_BY: requested_by}, owner_references=owners),
+        spec=InstanceSpec(model=model, profile=profile, args_hash=args_hash, reason=reason),
+    )
+
+
 def instance_name(model: str, profile: str, suffix: str) -> str:
     """A DNS-1123 name for an instance of `model:profile`, unique through `suffix`."""
     base = re.sub(r"[^a-z0-9-]+", "-", f"{model}-{profile}".lower()).strip("-")

@@ -19,11 +19,22 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable
+from typing import Protocol
 
 from llamesh_api import config, informer, resources, store, writes
 from llamesh_operator import planning
 
 log = logging.getLogger(__name__)
+
+
+class Recorder(Protocol):
+    """Tells people what happened to an object (Kubernetes Events); best effort, never raises."""
+
+    async def __call__(self, obj: resources.Resource, *, reason: str, message: str, warning: bool = False) -> None: ...
+
+
+async def _no_record(obj: resources.Resource, *, reason: str, message: str, warning: bool = False) -> None:
+    return None  # bare metal: the log lines say it
 
 
 class Controller:
@@ -33,10 +44,12 @@ class Controller:
         resource_store: store.Store,
         defaults: Callable[[], config.ModelDefaults],
         interval: float = 1.0,
+        record: Recorder = _no_record,
     ) -> None:
         self._store = resource_store
         self._defaults = defaults
         self._interval = interval
+        self._record = record
         self._wake = asyncio.Event()
         self._unschedulable: dict[str, str] = {}  # instance → the reason last logged
 
@@ -52,9 +65,11 @@ class Controller:
         }
         now = store.utcnow()
         actions = planning.plan(world, now=now)
+        model_uids = {model.name: model.metadata.uid for model in world.models}
+        instances = {instance.name: instance for instance in world.instances}
         for action in actions:
             try:
-                await self._apply(action)
+                await self._apply(action, model_uids=model_uids, instances=instances)
             except (store.NotFound, store.Conflict, store.AlreadyExists) as exc:
                 log.debug("skipped %s: %s", action, exc)
         return actions
@@ -87,7 +102,13 @@ class Controller:
     def _changed(self, _change: object) -> None:
         self._wake.set()
 
-    async def _apply(self, action: planning.Action) -> None:
+    async def _apply(
+        self,
+        action: planning.Action,
+        *,
+        model_uids: dict[str, str | None],
+        instances: dict[str, resources.LlamaInstance],
+    ) -> None:
         match action:
             case planning.Bind(instance=name, node=node_name):
 
@@ -95,34 +116,44 @@ class Controller:
                     if not obj.spec.node_name:  # a binding is never moved
                         obj.spec.node_name = node_name
 
-                if await writes.update(self._store, resources.LlamaInstance, name, bind) is not None:
+                if (bound := await writes.update(self._store, resources.LlamaInstance, name, bind)) is not None:
                     log.info("instance %s bound to node %s", name, node_name)
+                    await self._record(bound, reason="Bound", message=f"bound to node {node_name}")
             case planning.Unschedulable(instance=name, message=message):
                 if self._unschedulable.get(name) != message:
                     self._unschedulable[name] = message
                     log.warning("instance %s: %s", name, message)
+                    if name in instances:
+                        await self._record(instances[name], reason="Unschedulable", message=message, warning=True)
             case planning.Drain(instance=name, reason=reason):
 
                 def drain(obj: resources.LlamaInstance) -> None:
                     obj.spec.drain = True
                     obj.spec.drain_reason = reason
 
-                if await writes.update(self._store, resources.LlamaInstance, name, drain) is not None:
+                if (drained := await writes.update(self._store, resources.LlamaInstance, name, drain)) is not None:
                     log.info("instance %s draining: %s", name, reason)
+                    why = "Evicting" if reason.startswith("capacity") else "Draining"
+                    await self._record(drained, reason=why, message=reason)
             case planning.Delete(instance=name, reason=reason):
                 await self._store.delete(resources.LlamaInstance, name)
                 log.info("instance %s deleted: %s", name, reason)
+                if name in instances:
+                    await self._record(instances[name], reason="Deleted", message=reason)
             case planning.Create(model=model, profile=profile, args_hash=args_hash, reason=reason):
-                created = await self._store.create(new_instance(model, profile, args_hash=args_hash, reason=reason))
+                instance = resources.new_instance(
+                    name=resources.instance_name(model, profile, secrets.token_hex(3)),
+                    model=model,
+                    model_uid=model_uids.get(model),
+                    profile=profile,
+                    args_hash=args_hash,
+                    reason=reason,
+                    requested_by="operator",
+                )
+                created = await self._store.create(instance)
+                await self._record(created, reason="Created", message=f"{reason.value}: {model}:{profile}")
                 log.info("instance %s created: %s", created.name, reason.value)
             case planning.SetModelStatus(model=model, status=status):
                 await writes.update_status(
                     self._store, resources.LlamaModel, model, lambda obj: setattr(obj, "status", status)
                 )
-
-
-def new_instance(model: str, profile: str, *, args_hash: str, reason: resources.Reason) -> resources.LlamaInstance:
-    return resources.LlamaInstance(
-        metadata=resources.ObjectMeta(name=resources.instance_name(model, profile, secrets.token_hex(3))),
-        spec=resources.InstanceSpec(model=model, profile=profile, args_hash=args_hash, reason=reason),
-    )

@@ -29,7 +29,7 @@ from typing import Any
 import kopf
 import pydantic
 
-from llamesh_api import config, kube_client, kube_store, resources, store
+from llamesh_api import config, kube_client, kube_events, kube_store, resources, store
 from llamesh_operator import controller, leader, serve
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,11 @@ async def operator(
             return
         acquiring.result()
         print(f"llamesh operator: {identity} is the leader", flush=True)
-        loop = controller.Controller(resource_store=resource_store, defaults=lambda: node_config.model_defaults)
+        loop = controller.Controller(
+            resource_store=resource_store,
+            defaults=lambda: node_config.model_defaults,
+            record=kube_events.Recorder(resource_store.client, component="llamesh-operator", instance=identity),
+        )
         stop_flag = asyncio.Event()
         tasks = {
             asyncio.create_task(election.keep(), name="lease"),

@@ -59,6 +59,7 @@ class Target:
     args_hash: str
     policy: queueing.Policy
     max_wait_ms: int
+    startup_timeout_s: float  # how long an instance may take to start (download included)
     max_request_duration_ms: int
     upstream_api_key: str | None
 
@@ -173,6 +174,7 @@ class Catalog:
                 max_instances=profile.max_instances_or(defaults),
             ),
             max_wait_ms=profile.max_wait_in_queue_ms_or(defaults),
+            startup_timeout_s=float(profile.startup_timeout()),
             max_request_duration_ms=profile.max_request_duration_ms_or(defaults),
             upstream_api_key=launch_args.flag_value(profile.llama_server_args, API_KEY_FLAGS),
         )

@@ -25,7 +25,7 @@ from llamesh_proxy import catalog, errors, metrics, queueing
 
 logger = logging.getLogger(__name__)
 
-REQUESTED_BY = f"{resources.GROUP}/requested-by"
+REQUESTED_BY = resources.REQUESTED_BY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,9 @@ class Lease:
     instance: str
     url: str
     queued_ms: float
+
+
+COLD_START_SLACK_S = 30.0  # on top of the startup budget: placement, binding, the agent picking it up
 
 
 def instance_name(target: catalog.Target) -> str:
@@ -72,12 +75,17 @@ class Dispatcher:
         if isinstance(decision, queueing.Rejected):
             raise self._rejection(decision.reason)
         ticket = decision.ticket
+        wait_s = target.max_wait_ms / 1000 if target.max_wait_ms else None
         if decision.spawn is not None:
             self._create(target, decision.spawn, resources.Reason.DEMAND)
+            if wait_s is not None:
+                # the request that starts an instance waits for it as long as a start may take (the seed
+                # gives it the new instance), not the queue's limit: a cold start slower than
+                # max_wait_in_queue_ms must not answer queue_timeout to the very request that caused it
+                wait_s = max(wait_s, target.startup_timeout_s + COLD_START_SLACK_S)
         waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         self._waiters[ticket] = waiter
         started = time.monotonic()
-        wait_s = target.max_wait_ms / 1000 if target.max_wait_ms else None
         try:
             async with asyncio.timeout(wait_s):
                 lease = await waiter
@@ -201,20 +209,14 @@ class Dispatcher:
         task.add_done_callback(self._creating.discard)
 
     async def _create_instance(self, target: catalog.Target, name: str, reason: resources.Reason) -> None:
-        owners = []
-        if target.model_uid:
-            owners.append(
-                resources.OwnerReference(
-                    api_version=resources.API_VERSION, kind="LlamaModel", name=target.model, uid=target.model_uid
-                )
-            )
-        instance = resources.LlamaInstance(
-            metadata=resources.ObjectMeta(
-                name=name, annotations={REQUESTED_BY: self._gateway_id}, owner_references=owners
-            ),
-            spec=resources.InstanceSpec(
-                model=target.model, profile=target.profile.id, args_hash=target.args_hash, reason=reason
-            ),
+        instance = resources.new_instance(
+            name=name,
+            model=target.model,
+            model_uid=target.model_uid,
+            profile=target.profile.id,
+            args_hash=target.args_hash,
+            reason=reason,
+            requested_by=self._gateway_id,
         )
         try:
             await self._store.create(instance)
