@@ -30,6 +30,12 @@ async def running(*models: resources.LlamaModel, **settings: object) -> AsyncIte
     memory = store.MemoryStore()
     for item in models or (gs.model("m", gs.profile(max_instances=1)),):
         await memory.create(item)
+    async with running_on(memory, **settings) as gw:
+        yield gw
+
+
+@contextlib.asynccontextmanager
+async def running_on(memory: store.MemoryStore, **settings: object) -> AsyncIterator[gateway.Gateway]:
     node_config = gs.node_config(model_defaults={"max_concurrent_requests_per_instance": 1}, **settings)
     gw = gateway.Gateway(node_config, store=memory, gateway_id="gw-1", node_name=gs.NODE)
     tasks = await following.follow(gw)
@@ -252,3 +258,57 @@ async def test_a_drained_instance_hears_about_our_requests_at_once() -> None:
             publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await publisher
+
+
+@contextlib.asynccontextmanager
+async def two_gateways(memory: store.MemoryStore) -> AsyncIterator[tuple[gateway.Gateway, gateway.Gateway]]:
+    node_config = gs.node_config(model_defaults={"max_concurrent_requests_per_instance": 0})
+    pair = [gateway.Gateway(node_config, store=memory, gateway_id=f"gw-{n}", node_name=gs.NODE) for n in (1, 2)]
+    tasks = [task for gw in pair for task in await following.follow(gw)]
+    try:
+        yield pair[0], pair[1]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for gw in pair:
+            await gw.dispatcher.close()
+
+
+async def test_replicas_racing_on_a_cold_model_create_one_instance() -> None:
+    memory = store.MemoryStore()
+    await memory.create(gs.model("m", gs.profile(max_instances=3)))
+    async with two_gateways(memory) as (first, second):
+        # both ask before either can see the other's instance: the same cold name makes one of them
+        asks = [asyncio.create_task(gw.dispatcher.acquire(target(gw))) for gw in (first, second)]
+        await gs.eventually(lambda: gs.instance_names(first) and gs.instance_names(second))
+        await asyncio.sleep(0.2)  # give a (wrong) second create time to land
+        listed = (await memory.list(resources.LlamaInstance)).items
+        assert len(listed) == 1, [i.name for i in listed]
+        (only,) = listed
+        assert DNS_1123.match(only.name)
+        await gs.set_phase(memory, only.name, resources.Phase.READY, port=18011)
+        leases = await asyncio.wait_for(asyncio.gather(*asks), 10)
+        assert {lease.instance for lease in leases} == {only.name}
+        first.dispatcher.release(leases[0])
+        second.dispatcher.release(leases[1])
+
+
+async def test_a_cold_name_held_by_a_finished_instance_is_not_reused() -> None:
+    memory = store.MemoryStore()
+    await memory.create(gs.model("m", gs.profile(max_instances=1)))
+    async with running_on(memory) as gw:
+        cold = resources.instance_name("m", "default", target(gw).args_hash[:10])
+        leftover = resources.new_instance(
+            name=cold, model="m", model_uid=None, profile="default", args_hash=target(gw).args_hash,
+            reason=resources.Reason.DEMAND, requested_by="gw-old",
+        )  # fmt: skip
+        # created behind the gateway's back (its watch has not delivered it yet) and already stopped
+        await memory.create(leftover)
+        await memory.patch_status(resources.LlamaInstance, cold, {"phase": "Stopped"})
+        asking = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+        fresh = await gs.eventually(lambda: [n for n in gs.instance_names(gw) if n != cold])
+        await gs.set_phase(memory, fresh[0], resources.Phase.READY, port=18012)
+        lease = await asyncio.wait_for(asking, 10)
+        assert lease.instance == fresh[0]
+        gw.dispatcher.release(lease)

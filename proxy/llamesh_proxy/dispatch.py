@@ -69,7 +69,7 @@ class Dispatcher:
 
     async def acquire(self, target: catalog.Target) -> Lease:
         """A slot for `target`, now or after waiting in its queue; raises the seed's 503s (or 404/500)."""
-        decision = self.board.admit(target.pool, target.policy, name_factory=functools.partial(instance_name, target))
+        decision = self.board.admit(target.pool, target.policy, name_factory=functools.partial(self._name_for, target))
         if isinstance(decision, queueing.Admitted):
             return self._lease(decision.ticket, decision.instance, queued_ms=0.0)
         if isinstance(decision, queueing.Rejected):
@@ -125,7 +125,7 @@ class Dispatcher:
             starting=view.starting,
             known=view.known,
             failed_unready=failed_unready,
-            name_factory=functools.partial(instance_name, target),
+            name_factory=functools.partial(self._name_for, target),
         )
         self._apply(changes)
 
@@ -140,7 +140,7 @@ class Dispatcher:
     def prewarm(self, target: catalog.Target) -> str | None:
         """Ask for an instance of `target` unless one is live; the name asked for, or None."""
         name = self.board.want_instance(
-            target.pool, target.policy, name_factory=functools.partial(instance_name, target)
+            target.pool, target.policy, name_factory=functools.partial(self._name_for, target)
         )
         if name is not None:
             self._create(target, name, resources.Reason.PREWARM)
@@ -203,6 +203,32 @@ class Dispatcher:
             return errors.ModelNotFound("The requested model was removed while the request waited", param="model")
         return errors.InternalError("Could not request a new instance for this model")
 
+    def _name_for(self, target: catalog.Target) -> str:
+        """Scale from zero: every replica asks for the same name (`<model>-<profile>-<args hash>`), so however
+        many ask at once, one instance is made; the others' creates answer AlreadyExists and they wait for
+        that one. With instances known (a scale-up), a fresh name."""
+        cold = resources.instance_name(target.model, target.profile.id, target.args_hash[:10])
+        if not self.catalog.pool_view(target.pool).known and not self.board.is_requested(target.pool, cold):
+            return cold
+        return instance_name(target)
+
+    async def _name_taken(self, target: catalog.Target, name: str, reason: resources.Reason) -> None:
+        try:
+            existing = await self._store.get(resources.LlamaInstance, name)
+        except Exception:
+            existing = None
+        if (
+            existing is not None
+            and not existing.phase.is_terminal
+            and not existing.spec.drain
+            and existing.spec.args_hash == target.args_hash
+        ):
+            logger.info(json.dumps({"event": "instance_shared", "instance_id": name, "gateway_id": self._gateway_id}))
+            return  # another replica asked first: this one waits for the same instance
+        fresh = instance_name(target)  # the name belongs to a finished instance: ask under another
+        self.board.rename_request(target.pool, name, fresh)
+        await self._create_instance(target, fresh, reason)
+
     def _create(self, target: catalog.Target, name: str, reason: resources.Reason) -> None:
         task = asyncio.create_task(self._create_instance(target, name, reason), name=f"create {name}")
         self._creating.add(task)
@@ -220,6 +246,9 @@ class Dispatcher:
         )
         try:
             await self._store.create(instance)
+        except store.AlreadyExists:
+            await self._name_taken(target, name, reason)
+            return
         except Exception:
             logger.exception("could not create instance %s for %s", name, target.display)
             self._apply(self.board.create_failed(target.pool, name))

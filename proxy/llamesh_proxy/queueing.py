@@ -233,6 +233,18 @@ class Board:
                     changes.spawns.append(Spawn(pool_key, name))
         return changes
 
+    def is_requested(self, pool_key: str, name: str) -> bool:
+        """Whether this gateway asked for `name` in `pool_key` and has not seen it in the catalog yet."""
+        pool = self._pools.get(pool_key)
+        return pool is not None and name in pool.requested
+
+    def rename_request(self, pool_key: str, old: str, new: str) -> None:
+        """The instance asked for as `old` is being asked for as `new` instead (the name was taken)."""
+        pool = self._pools.get(pool_key)
+        if pool is not None and old in pool.requested:
+            pool.requested.discard(old)
+            pool.requested.add(new)
+
     def create_failed(self, pool_key: str, name: str) -> Changes:
         """Asking the store for instance `name` failed; if nothing else is coming, the queue cannot be served."""
         pool = self._pools.get(pool_key)

@@ -92,6 +92,11 @@ _LIVENESS_S = 1.0  # how often an idle watch checks whether its client went away
 _MERGE_PATCH = ("application/merge-patch+json", "application/strategic-merge-patch+json")
 _JSON_PATCH = "application/json-patch+json"
 _VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
+# The core namespaces paths, which kmock's parser cannot read (see KubeEmulator.__call__), and the namespace
+# under which the emulator hands them to it instead: not a valid namespace name, so it names no real one.
+_NAMESPACES_PATH = re.compile(r"/api/v1/namespaces(?:/([^/]+)(?:/(status|finalize))?)?/?")
+_CLUSTER_SCOPE = "~cluster~"
+_NAMESPACES = kmock.resource("", "v1", "namespaces")
 
 
 class ApiError(Exception):
@@ -283,7 +288,21 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     # --- request handling ------------------------------------------------------------------------------------
 
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """kmock's path parser reads `/api/v1/namespaces[/NAME[/status]]` as the start of a namespaced path and
+        fails (a 500 for every namespace request), so it gets such a request with a path it reads,
+        `/api/v1/namespaces/~cluster~/namespaces[/NAME[/status]]`, and `_handle` takes the made-up namespace
+        away again (`kmock.requests` keeps the made-up path)."""
+        match = _NAMESPACES_PATH.fullmatch(raw_request.path)
+        if match is not None:
+            parts = "".join(f"/{part}" for part in match.groups() if part)
+            rel_url = raw_request.rel_url.with_path(f"/api/v1/namespaces/{_CLUSTER_SCOPE}/namespaces{parts}")
+            raw_request = raw_request.clone(rel_url=rel_url.with_query(raw_request.query))
+        return await super().__call__(raw_request)
+
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if request.namespace == _CLUSTER_SCOPE and request.resource == _NAMESPACES:
+            request = attrs.evolve(request, namespace=None)  # a core namespaces path (see __call__)
         resource = request.resource
         if resource is None or resource.plural is None or resource.version is None:
             # Discovery and anything else: kmock's own handling, without its object bookkeeping.
