@@ -348,18 +348,22 @@ def stamp(value: Any) -> float | None:
     return parsed.timestamp()
 
 
-def spawn_stamp(log_path: Path) -> float | None:
-    """When the agent started llama-server: the header it writes into the instance's log (ms resolution)."""
+def spawn_stamp(log_path: Path, *, after: float) -> float | None:
+    """When the agent started llama-server: the header it writes into the instance's log (ms resolution).
+    Instance names repeat (a cold start asks for `<model>-<profile>-<args hash>`), so the first after `after`."""
     if not log_path.exists():
         return None
     for line in log_path.read_text(errors="replace").splitlines():
         if line.startswith("--- ") and " attempt " in line:
-            return stamp(line.split()[1])
+            at = stamp(line.split()[1])
+            if at is not None and at >= after:
+                return at
     return None
 
 
-def healthy_stamp(agent_log: Path, instance: str) -> float | None:
-    """When the agent's /health probe got 200: its supervisor's "<instance>: ready on" log line (ms)."""
+def healthy_stamp(agent_log: Path, instance: str, *, after: float) -> float | None:
+    """When the agent's /health probe got 200: its supervisor's first "<instance>: ready on" log line after
+    `after` (ms resolution)."""
     for line in agent_log.read_text(errors="replace").splitlines() if agent_log.exists() else []:
         if not line.startswith("{"):
             continue
@@ -368,7 +372,9 @@ def healthy_stamp(agent_log: Path, instance: str) -> float | None:
         except ValueError:
             continue
         if str(entry.get("message", "")).startswith(f"{instance}: ready on "):
-            return stamp(entry.get("timestamp"))
+            at = stamp(entry.get("timestamp"))
+            if at is not None and at >= after:
+                return at
     return None
 
 
@@ -406,13 +412,19 @@ async def one_round(
     starting = watch.first(since, lambda s: s.name == name and s.phase == "Starting")
     assert bound is not None  # Ready implies bound
     status = ready.obj.get("status", {})
-    generation = await stream_chat(f"http://{status['host']}:{status['port']}", max_tokens=max_tokens, timeout_s=60)
+    direct = f"http://{status['host']}:{status['port']}"
+    generations = [await stream_chat(direct, max_tokens=max_tokens, timeout_s=60) for _ in range(3)]
+    gen_s = statistics.median(g.first_token_at - g.sent_at for g in generations)  # one sample is noisy here
 
     instance_log = cluster.workdir / "cache" / "state" / "logs" / f"{name}.log"
     agent_log = cluster.children["agent"].log_path
-    spawn_at = spawn_stamp(instance_log)
+    t0, first = result.sent_at, result.first_token_at
+    spawn_at = spawn_stamp(instance_log, after=t0)
     healthy_at = await eventually(
-        lambda: healthy_stamp(agent_log, name), within_s=10, what=f"the agent's ready line for {name}", cluster=cluster
+        lambda: healthy_stamp(agent_log, name, after=t0),
+        within_s=10,
+        what=f"the agent's ready line for {name}",
+        cluster=cluster,
     )
     if spawn_at is None:
         raise BenchError(f"no spawn header in {instance_log}")
@@ -420,8 +432,6 @@ async def one_round(
     await cluster.client.request("DELETE", cluster.instance_path(name))
     await watch.until(lambda: name not in watch.live, within_s=30, what=f"{name} to be deleted")
 
-    t0, first = result.sent_at, result.first_token_at
-    gen_s = generation.first_token_at - generation.sent_at
     load_s = healthy_at - spawn_at
     started_at, ready_at = stamp(status.get("startedAt")), stamp(status.get("readyAt"))
     hops = {
@@ -461,7 +471,7 @@ async def one_round(
             "stream_done": result.done_at,
         },
         "stream": {"events": result.events, "finish_reason": result.finish_reason},
-        "direct": {"events": generation.events, "first_token_s": gen_s},
+        "direct_first_token_s": [g.first_token_at - g.sent_at for g in generations],
     }
 
 

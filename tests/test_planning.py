@@ -245,3 +245,20 @@ def test_model_conditions_accepted_and_ready_keep_their_transition_time() -> Non
     after = {c.type: c for c in changed.conditions}
     assert after["Ready"].status == "False" and after["Ready"].last_transition_time == later
     assert after["Accepted"].last_transition_time == NOW
+
+
+def test_a_node_without_heartbeat_is_lost_and_its_instances_are_replaced() -> None:
+    m = model(min_instances=1)
+    quiet, alive = node("n1"), node("n2")
+    quiet.status.heartbeat_at = NOW - datetime.timedelta(seconds=45)
+    alive.status.heartbeat_at = NOW - datetime.timedelta(seconds=2)
+    stranded = instance("stranded", of=m, phase=resources.Phase.READY, node_name="n1", ready_at=NOW)
+    waiting = instance("waiting", of=m, age_s=5)
+    actions = run(models=[m], instances=[stranded, waiting], nodes=[quiet, alive])
+    lost = [a for a in actions if isinstance(a, planning.NodeLost)]
+    assert [a.node for a in lost] == ["n1"] and "45 s" in lost[0].message
+    assert planning.Delete("stranded", "node n1 lost: no heartbeat") in actions
+    assert planning.Bind("waiting", "n2") in actions  # nothing new goes to the lost node
+    # a node that never wrote a heartbeat is only not ready yet, never lost
+    fresh = node("n3", ready=False)
+    assert not [a for a in run(models=[m], instances=[], nodes=[fresh]) if isinstance(a, planning.NodeLost)]

@@ -52,6 +52,7 @@ class Controller:
         self._record = record
         self._wake = asyncio.Event()
         self._unschedulable: dict[str, str] = {}  # instance → the reason last logged
+        self._lost_nodes: set[str] = set()  # nodes said to be lost, until they are not
 
     async def reconcile_once(self) -> list[planning.Action]:
         world = planning.World(
@@ -60,11 +61,11 @@ class Controller:
             nodes=(await self._store.list(resources.LlamaNode)).items,
             defaults=self._defaults(),
         )
-        self._unschedulable = {
-            name: why for name, why in self._unschedulable.items() if any(i.name == name for i in world.instances)
-        }
+        names = {instance.name for instance in world.instances}
+        self._unschedulable = {name: why for name, why in self._unschedulable.items() if name in names}
         now = store.utcnow()
         actions = planning.plan(world, now=now)
+        self._lost_nodes &= {action.node for action in actions if isinstance(action, planning.NodeLost)}
         model_uids = {model.name: model.metadata.uid for model in world.models}
         instances = {instance.name: instance for instance in world.instances}
         for action in actions:
@@ -153,6 +154,13 @@ class Controller:
                 created = await self._store.create(instance)
                 await self._record(created, reason="Created", message=f"{reason.value}: {model}:{profile}")
                 log.info("instance %s created: %s", created.name, reason.value)
+            case planning.NodeLost(node=node_name, message=message):
+                if node_name not in self._lost_nodes:
+                    self._lost_nodes.add(node_name)
+                    log.warning("node %s lost: %s", node_name, message)
+                    node = await self._store.get(resources.LlamaNode, node_name)
+                    if node is not None:
+                        await self._record(node, reason="NodeLost", message=message, warning=True)
             case planning.SetModelStatus(model=model, status=status):
                 await writes.update_status(
                     self._store, resources.LlamaModel, model, lambda obj: setattr(obj, "status", status)

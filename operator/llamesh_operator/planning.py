@@ -19,6 +19,9 @@ from collections.abc import Iterable, Sequence
 from llamesh_api import config, cookbook, resources
 
 FAILED_RETENTION = datetime.timedelta(seconds=30)  # long enough for gateways to see why a spawn failed
+# A node whose agent has not written a heartbeat for this long is lost (Kubernetes' node-monitor grace
+# period is 40 s; agents beat every 5 s): nothing new goes there and its instances are replaced.
+NODE_LOST_AFTER = datetime.timedelta(seconds=30)
 LIVE_PHASES = frozenset(
     {
         resources.Phase.PENDING,
@@ -63,12 +66,18 @@ class Create:
 
 
 @dataclasses.dataclass(frozen=True)
+class NodeLost:
+    node: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
 class SetModelStatus:
     model: str
     status: resources.ModelStatus
 
 
-Action = Bind | Unschedulable | Drain | Delete | Create | SetModelStatus
+Action = Bind | Unschedulable | Drain | Delete | Create | SetModelStatus | NodeLost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +86,25 @@ class World:
     instances: Sequence[resources.LlamaInstance]
     nodes: Sequence[resources.LlamaNode]
     defaults: config.ModelDefaults
+    node_lost_after: datetime.timedelta = NODE_LOST_AFTER
 
 
 def plan(world: World, *, now: datetime.datetime) -> list[Action]:
     profiles = _available_profiles(world.models)
     actions: list[Action] = []
+    lost = _lost_nodes(world, now=now)
+    if lost:
+        actions += lost
+        gone = {action.node for action in lost}
+        for instance in world.instances:
+            if instance.spec.node_name in gone and not instance.phase.is_terminal:
+                actions.append(Delete(instance.name, f"node {instance.spec.node_name} lost: no heartbeat"))
+        deleted = {action.instance for action in actions if isinstance(action, Delete)}
+        world = dataclasses.replace(
+            world,
+            nodes=[node for node in world.nodes if node.name not in gone],
+            instances=[instance for instance in world.instances if instance.name not in deleted],
+        )
     actions += _retire(world, profiles, now=now)
     retired = {action.instance for action in actions if isinstance(action, Drain | Delete)}
     actions += _place(world, profiles, retired=retired)
@@ -90,6 +113,17 @@ def plan(world: World, *, now: datetime.datetime) -> list[Action]:
     actions += _keep_minimum(world, profiles, retired=retired)
     actions += _model_statuses(world, profiles, now=now)
     return actions
+
+
+def _lost_nodes(world: World, *, now: datetime.datetime) -> list[NodeLost]:
+    """Nodes whose agent stopped writing heartbeats (a node that never wrote one is only not ready yet)."""
+    lost = []
+    for node in world.nodes:
+        beat = node.status.heartbeat_at
+        if beat is not None and now - beat > world.node_lost_after:
+            seconds = int((now - beat).total_seconds())
+            lost.append(NodeLost(node.name, f"no heartbeat from its agent for {seconds} s; its instances are replaced"))
+    return lost
 
 
 def _available_profiles(models: Iterable[resources.LlamaModel]) -> dict[str, cookbook.Profile]:

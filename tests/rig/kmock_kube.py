@@ -292,7 +292,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         """kmock's path parser reads `/api/v1/namespaces[/NAME[/status]]` as the start of a namespaced path and
         fails (a 500 for every namespace request), so it gets such a request with a path it reads,
         `/api/v1/namespaces/~cluster~/namespaces[/NAME[/status]]`, and `_handle` takes the made-up namespace
-        away again (`kmock.requests` keeps the made-up path)."""
+        away again (the requests kmock records keep the made-up path)."""
         match = _NAMESPACES_PATH.fullmatch(raw_request.path)
         if match is not None:
             parts = "".join(f"/{part}" for part in match.groups() if part)
