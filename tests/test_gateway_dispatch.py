@@ -312,3 +312,21 @@ async def test_a_cold_name_held_by_a_finished_instance_is_not_reused() -> None:
         lease = await asyncio.wait_for(asking, 10)
         assert lease.instance == fresh[0]
         gw.dispatcher.release(lease)
+
+
+async def test_an_unreachable_mark_outlives_usage_writes_but_not_a_new_process() -> None:
+    async with running(gs.model("m", gs.profile(max_instances=1))) as gw:
+        asking = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+        (name,) = await gs.eventually(lambda: gs.instance_names(gw))
+        await gs.set_phase(gw.store, name, resources.Phase.READY, port=18013)
+        gw.dispatcher.release(await asyncio.wait_for(asking, 10))
+        pool = target(gw).pool
+        gw.catalog.mark_unreachable(name)
+        assert gw.catalog.pool_view(pool).routable == []
+        # another gateway's usage report: a new version of the object, the same dead process
+        await gw.store.patch_status(resources.LlamaInstance, name, {"usage": {"gw-2": {"inFlight": 1}}})
+        await gs.eventually(lambda: gw.catalog.instance(name).status.usage, what="the usage report")  # type: ignore[union-attr]
+        assert gw.catalog.pool_view(pool).routable == []
+        # its agent restarted it on another port: routable again
+        await gs.set_phase(gw.store, name, resources.Phase.READY, port=18014)
+        await gs.eventually(lambda: gw.catalog.pool_view(pool).routable == [name], what="the new process")

@@ -209,3 +209,83 @@ async def test_invalid_spec_is_not_accepted_and_two_operators_never_both_act(
         await waiting.eventually(lambda: "is the leader" in second.log_text(), within_s=60, what="a takeover")
         for name in ("broken", "fine"):
             await c.kubectl("delete", f"lm/{name}", "--wait=true", "--timeout=60s")
+
+
+async def chat_once(base_url: str, model: str = "tiny") -> str:
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=180)
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks and chunks[-1].choices[0].finish_reason is not None
+        return chunks[0].id
+    finally:
+        await client.close()
+
+
+def all_exited(found: list[psutil.Process]) -> bool:
+    def gone(proc: psutil.Process) -> bool:
+        try:
+            return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    return all(gone(proc) for proc in found)
+
+
+def kill(child: processes.Child) -> None:
+    child.process.kill()
+    child.process.wait(timeout=30)
+
+
+async def test_replicas_restarts_and_an_api_server_restart(
+    real_apiserver: apiserver.ApiServer, tmp_path: Path, llama_server_binary: Path, chat_model: Path
+) -> None:
+    """Two gateways racing on a cold model make one instance; serving goes on while the API server restarts
+    and resumes after it; a killed agent leaves no llama-server behind and its successor serves again; a
+    killed operator's successor finishes what it left (a model's finalizer)."""
+    async with cluster(real_apiserver, tmp_path, llama_server_binary, "faults") as c:
+        c.role("operator", "operator", env={"POD_NAME": "operator-0"})
+        agent = c.role("agent", "agent", env={"NODE_NAME": "node-a", "POD_IP": "127.0.0.1"})
+        first = c.role("gateway-0", "gateway", env={"POD_NAME": "gateway-0"})
+        second_port = processes.free_port()
+        second = c.role(
+            "gateway-1", "gateway", env={"POD_NAME": "gateway-1", "LLAMESH_LISTEN_ADDR": f"127.0.0.1:{second_port}"}
+        )
+        urls = [f"http://{yaml.safe_load(c.config_path.read_text())['listen_addr']}", f"http://127.0.0.1:{second_port}"]
+        for gateway in (first, second):
+            await waiting.eventually(lambda g=gateway: "serving on" in g.log_text(), within_s=90, what="gateways")
+        await c.kubectl("apply", "-f", "-", stdin=model_yaml("tiny", chat_model, idle_s=600))
+        for url in urls:
+            await waiting.eventually(lambda u=url: gateway_lists(u, "tiny"), within_s=60, what="tiny listed")
+
+        # two replicas asked at once for a cold model: one instance serves both
+        await asyncio.gather(chat_once(urls[0]), chat_once(urls[1]))
+        (only,) = await c.instances()
+        assert only.phase is resources.Phase.READY and len(agent_llama_servers(agent)) == 1
+
+        # the API server goes away and comes back (etcd kept): requests are served throughout
+        await apiserver.stop_apiserver(real_apiserver)
+        await asyncio.gather(chat_once(urls[0]), chat_once(urls[1]))
+        await apiserver.restart_apiserver(real_apiserver)
+        await c.kubectl("apply", "-f", "-", stdin=model_yaml("tiny-two", chat_model, idle_s=600))
+        await waiting.eventually(lambda: gateway_lists(urls[1], "tiny-two"), within_s=90, what="watches resumed")
+        await chat_once(urls[1], "tiny-two")
+        assert len(agent_llama_servers(agent)) == 2
+
+        # the agent is killed: its llama-servers die with it; its successor serves again
+        children = agent_llama_servers(agent)
+        kill(agent)
+        await waiting.eventually(lambda: all_exited(children), within_s=30, what="llama-servers to exit with the agent")
+        agent = c.role("agent-again", "agent", env={"NODE_NAME": "node-a", "POD_IP": "127.0.0.1"})
+        await chat_once(urls[0])
+        assert len(agent_llama_servers(agent)) == 1  # a new one for tiny; none adopted twice, none leaked
+
+        # the operator is killed; its successor (same pod name: it takes the Lease at once) finishes a delete
+        kill(c.children["operator"])
+        c.role("operator-again", "operator", env={"POD_NAME": "operator-0"})
+        await c.kubectl("delete", "lm/tiny-two", "--wait=true", "--timeout=90s")
+        await c.kubectl("delete", "lm/tiny", "--wait=true", "--timeout=90s")
+        assert await c.instances() == []
+        await waiting.eventually(lambda: not agent_llama_servers(agent), within_s=30, what="no llama-server left")

@@ -111,7 +111,7 @@ class Catalog:
         self._targets: dict[str, Target] = {}
         self._instances: dict[str, resources.LlamaInstance] = {}
         self._urls: dict[str, str] = {}
-        self._unreachable: dict[str, str | None] = {}  # instance → the resource_version that failed to answer
+        self._unreachable: dict[str, tuple[object, ...]] = {}  # instance → the process that failed to answer
         self._pools: dict[str, dict[str, None]] = {}  # pool → instance names, in arrival order
         self._nodes: dict[str, resources.LlamaNode] = {}
 
@@ -226,17 +226,19 @@ class Catalog:
         """This gateway could not connect to `name`: stop routing to it until its status changes.
 
         Closes the window between an instance dying and its agent reporting it (milliseconds, more under
-        load). Any newer version of the instance (a status write) lifts the mark. Returns its pool.
+        load; as long as the agent itself is gone). What its agent says about the process — phase,
+        address, pid — lifts the mark when it changes; other writes do not (the gateways' own usage
+        reports, this one's included, change the object every second). Returns its pool.
         """
         instance = self._instances.get(name)
         if instance is None:
             return None
-        self._unreachable[name] = instance.metadata.resource_version
+        self._unreachable[name] = _process_identity(instance)
         return pool_key(instance.spec.model, instance.spec.profile)
 
     def _is_unreachable(self, instance: resources.LlamaInstance) -> bool:
         marked = self._unreachable.get(instance.name)
-        return marked is not None and marked == instance.metadata.resource_version
+        return marked is not None and marked == _process_identity(instance)
 
     def pools(self) -> list[str]:
         return list(self._pools)
@@ -304,3 +306,8 @@ class Catalog:
                 continue  # learned under another llama.cpp build: withheld until an instance refreshes it
             return learned.parsed_model_params
         return None
+
+
+def _process_identity(instance: resources.LlamaInstance) -> tuple[object, ...]:
+    status = instance.status
+    return (status.phase, status.host, status.port, status.pid, status.started_at)
