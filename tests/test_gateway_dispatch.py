@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import re
 from collections.abc import AsyncIterator
 
@@ -20,7 +21,7 @@ import pytest
 
 import gateway_support as gs
 from llamesh_api import resources, store, writes
-from llamesh_proxy import catalog, dispatch, errors, following, gateway
+from llamesh_proxy import catalog, dispatch, errors, following, gateway, sharing
 
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -261,10 +262,16 @@ async def test_a_drained_instance_hears_about_our_requests_at_once() -> None:
 
 
 @contextlib.asynccontextmanager
-async def two_gateways(memory: store.MemoryStore) -> AsyncIterator[tuple[gateway.Gateway, gateway.Gateway]]:
-    node_config = gs.node_config(model_defaults={"max_concurrent_requests_per_instance": 0})
-    pair = [gateway.Gateway(node_config, store=memory, gateway_id=f"gw-{n}", node_name=gs.NODE) for n in (1, 2)]
+async def two_gateways(
+    memory: store.MemoryStore, *, slots: int = 0
+) -> AsyncIterator[tuple[gateway.Gateway, gateway.Gateway]]:
+    node_config = gs.node_config(model_defaults={"max_concurrent_requests_per_instance": slots})
+    pair = [
+        gateway.Gateway(node_config, store=memory, gateway_id=f"gw-{n}", node_name=gs.NODE, shared_slots=bool(slots))
+        for n in (1, 2)
+    ]
     tasks = [task for gw in pair for task in await following.follow(gw)]
+    tasks += [asyncio.create_task(gw.sharing.run()) for gw in pair if gw.sharing is not None]
     try:
         yield pair[0], pair[1]
     finally:
@@ -273,6 +280,8 @@ async def two_gateways(memory: store.MemoryStore) -> AsyncIterator[tuple[gateway
         await asyncio.gather(*tasks, return_exceptions=True)
         for gw in pair:
             await gw.dispatcher.close()
+            if gw.sharing is not None:
+                await gw.sharing.close()
 
 
 async def test_replicas_racing_on_a_cold_model_create_one_instance() -> None:
@@ -330,3 +339,58 @@ async def test_an_unreachable_mark_outlives_usage_writes_but_not_a_new_process()
         # its agent restarted it on another port: routable again
         await gs.set_phase(gw.store, name, resources.Phase.READY, port=18014)
         await gs.eventually(lambda: gw.catalog.pool_view(pool).routable == [name], what="the new process")
+
+
+async def test_replicas_never_put_more_than_the_slot_limit_on_an_instance_together() -> None:
+    memory = store.MemoryStore()
+    await memory.create(gs.model("m", gs.profile(max_instances=1, max_wait_in_queue_ms=0)))
+    async with two_gateways(memory, slots=2) as (first, second):
+        starter = asyncio.create_task(first.dispatcher.acquire(target(first)))
+        (name,) = await gs.eventually(lambda: gs.instance_names(first))
+        await gs.set_phase(memory, name, resources.Phase.READY, port=18015)
+        first.dispatcher.release(await asyncio.wait_for(starter, 10))
+        await gs.eventually(lambda: second.catalog.pool_view(target(second).pool).routable, what="both see it")
+
+        most = 0
+        served = {"gw-1": 0, "gw-2": 0}
+
+        async def one(gw: gateway.Gateway) -> None:
+            nonlocal most
+            lease = await gw.dispatcher.acquire(target(gw))
+            together = first.board.in_flight(name) + second.board.in_flight(name)
+            most = max(most, together)
+            await asyncio.sleep(0.02)
+            served[gw.gateway_id] += 1
+            gw.dispatcher.release(lease)
+
+        await asyncio.wait_for(asyncio.gather(*(one(gw) for gw in [first, second] * 8)), 60)
+        assert served == {"gw-1": 8, "gw-2": 8}
+        assert most == 2  # used to the limit, never past it
+        final = await memory.get(resources.LlamaInstance, name)
+        assert final is not None
+        claims = {replica: usage.claimed for replica, usage in final.status.usage.items()}
+        assert sum(claims.values()) <= 2, claims
+
+
+def test_claim_arithmetic() -> None:
+    """The pure decisions: a claim grows to use plus queue within what others left, and keeps what it uses."""
+    assert sharing.grow_to(limit=4, others=3, current=0, in_flight=0, queued=5) == 1
+    assert sharing.grow_to(limit=4, others=0, current=1, in_flight=1, queued=1) == 2
+    assert sharing.grow_to(limit=4, others=4, current=0, in_flight=0, queued=1) == 0
+    assert sharing.grow_to(limit=2, others=3, current=1, in_flight=1, queued=0) == 1  # never below what it has
+    assert sharing.surplus_wanted(current=3, in_flight=1, queued=0) == 1
+    now = store.utcnow()
+    instance = resources.LlamaInstance(
+        metadata=resources.ObjectMeta(name="i"),
+        spec=resources.InstanceSpec(model="m", profile="p", args_hash="h"),
+        status=resources.InstanceStatus(
+            usage={
+                "me": resources.GatewayUsage(claimed=2, claimed_at=now),
+                "live": resources.GatewayUsage(claimed=1, claimed_at=now, waiting=1),
+                "expired": resources.GatewayUsage(claimed=5, claimed_at=now - datetime.timedelta(seconds=60)),
+            }
+        ),
+    )
+    assert sharing.others_claimed(instance, me="me", now=now) == 1
+    assert sharing.others_waiting(instance, me="me", now=now)
+    assert not sharing.others_waiting(instance, me="live", now=now)

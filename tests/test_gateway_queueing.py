@@ -326,3 +326,26 @@ def test_draining_turns_away_waiters_and_newcomers_but_lets_the_served_finish(na
     assert admit(board, names) == Rejected(RejectReason.DRAINING)
     assert board.release(serving.ticket) == queueing.Changes()
     assert board.in_flight_by_instance() == {}
+
+
+# --- shared slots (several gateway replicas) ---------------------------------------------------------
+
+
+def test_shared_slots_admit_only_up_to_what_was_claimed(names: Names) -> None:
+    board = queueing.Board(max_total_queue=0, shared=True)
+    pol = policy(concurrent=2)
+    ready(board, names, "a", pol=pol)
+    waiting = admit(board, names, pol)
+    assert isinstance(waiting, Queued) and waiting.spawn is None  # a READY instance, no claim yet
+    changes = board.set_allowance(POOL, "a", 1)
+    assert changes.grants == [Grant(waiting.ticket, "a")]
+    assert isinstance(admit(board, names, pol), Queued)  # the claim is used up; the limit (2) is not
+    board.set_allowance(POOL, "a", 5)  # a claim never lets it past the limit
+    assert board.in_flight("a") == 2 and board.allowance("a") == 5
+    assert isinstance(admit(board, names, pol), Queued)
+
+
+def test_shared_slots_with_unlimited_concurrency_need_no_claim(names: Names) -> None:
+    board = queueing.Board(max_total_queue=0, shared=True)
+    ready(board, names, "a", pol=policy(concurrent=0))
+    assert isinstance(admit(board, names, policy(concurrent=0)), Admitted)

@@ -78,7 +78,7 @@ def agent_llama_servers(agent: processes.Child) -> list[psutil.Process]:
 
 @contextlib.asynccontextmanager
 async def cluster(
-    real_apiserver: apiserver.ApiServer, tmp_path: Path, llama_server_binary: Path, namespace: str
+    real_apiserver: apiserver.ApiServer, tmp_path: Path, llama_server_binary: Path, namespace: str, *, slots: int = 1
 ) -> AsyncIterator[Cluster]:
     await apiserver.ensure_namespace(real_apiserver, namespace)
     gateway_port = processes.free_port()
@@ -87,7 +87,7 @@ async def cluster(
         "listen_addr": f"127.0.0.1:{gateway_port}",
         "metrics_path": str(tmp_path / "node-metrics.json"),
         "shutdown_grace_period_seconds": 5,
-        "model_defaults": {"max_concurrent_requests_per_instance": 1, "max_instances_per_model": 1},
+        "model_defaults": {"max_concurrent_requests_per_instance": slots, "max_instances_per_model": 1},
         "llama_cpp": {"enabled": False, "binary_path": str(llama_server_binary), "cache_dir": str(tmp_path / "c")},
     }
     config_path = tmp_path / "config.yaml"
@@ -103,7 +103,7 @@ async def cluster(
         await store.close()
 
 
-def model_yaml(name: str, chat_model: Path, *, idle_s: int = 3, extra_profile: str = "") -> str:
+def model_yaml(name: str, chat_model: Path, *, idle_s: int = 3, extra_profile: str = "", parallel: int = 1) -> str:
     return f"""
 apiVersion: llamesh.dev/v1alpha1
 kind: LlamaModel
@@ -114,7 +114,7 @@ spec:
   profiles:
     - id: default
       modelPath: {chat_model}
-      llamaServerArgs: ["-c", "512", "-np", "1"]
+      llamaServerArgs: ["-c", "512", "-np", "{parallel}"]
       idleTimeoutSeconds: {idle_s}
 {extra_profile}"""
 
@@ -153,7 +153,7 @@ async def test_lifecycle_from_kubectl_apply_to_nothing_left(
         assert served.metadata.owner_references and served.metadata.owner_references[0].name == "tiny"
         assert len(agent_llama_servers(agent)) == 1
         events = await c.kubectl("get", "events", "--field-selector", f"involvedObject.name={served.name}")
-        assert "Created" in events and "Bound" in events, events
+        assert "Bound" in events, events  # the operator says what it did (the gateway asked for it)
         await c.kubectl("wait", "--for=condition=Ready", "lm/tiny", "--timeout=30s")
         table = await c.kubectl("get", "lm,li", "-o", "wide")
         assert "tiny" in table and "Ready" in table
@@ -245,7 +245,9 @@ async def test_replicas_restarts_and_an_api_server_restart(
     """Two gateways racing on a cold model make one instance; serving goes on while the API server restarts
     and resumes after it; a killed agent leaves no llama-server behind and its successor serves again; a
     killed operator's successor finishes what it left (a model's finalizer)."""
-    async with cluster(real_apiserver, tmp_path, llama_server_binary, "faults") as c:
+    # two slots per instance: each gateway holds one (their claims add up to the limit), so both can serve
+    # on what they hold while the API server is away (nobody can hand slots over then)
+    async with cluster(real_apiserver, tmp_path, llama_server_binary, "faults", slots=2) as c:
         c.role("operator", "operator", env={"POD_NAME": "operator-0"})
         agent = c.role("agent", "agent", env={"NODE_NAME": "node-a", "POD_IP": "127.0.0.1"})
         first = c.role("gateway-0", "gateway", env={"POD_NAME": "gateway-0"})
@@ -256,7 +258,7 @@ async def test_replicas_restarts_and_an_api_server_restart(
         urls = [f"http://{yaml.safe_load(c.config_path.read_text())['listen_addr']}", f"http://127.0.0.1:{second_port}"]
         for gateway in (first, second):
             await waiting.eventually(lambda g=gateway: "serving on" in g.log_text(), within_s=90, what="gateways")
-        await c.kubectl("apply", "-f", "-", stdin=model_yaml("tiny", chat_model, idle_s=600))
+        await c.kubectl("apply", "-f", "-", stdin=model_yaml("tiny", chat_model, idle_s=600, parallel=2))
         for url in urls:
             await waiting.eventually(lambda u=url: gateway_lists(u, "tiny"), within_s=60, what="tiny listed")
 
@@ -269,7 +271,7 @@ async def test_replicas_restarts_and_an_api_server_restart(
         await apiserver.stop_apiserver(real_apiserver)
         await asyncio.gather(chat_once(urls[0]), chat_once(urls[1]))
         await apiserver.restart_apiserver(real_apiserver)
-        await c.kubectl("apply", "-f", "-", stdin=model_yaml("tiny-two", chat_model, idle_s=600))
+        await c.kubectl("apply", "-f", "-", stdin=model_yaml("tiny-two", chat_model, idle_s=600, parallel=2))
         await waiting.eventually(lambda: gateway_lists(urls[1], "tiny-two"), within_s=90, what="watches resumed")
         await chat_once(urls[1], "tiny-two")
         assert len(agent_llama_servers(agent)) == 2

@@ -151,10 +151,15 @@ class InstanceSpec(_Wire):
 
 
 class GatewayUsage(_Wire):
-    """What one gateway replica reports about its traffic to an instance."""
+    """What one gateway replica reports about its traffic to an instance (only that replica writes it)."""
 
     in_flight: int = 0
     last_request_at: datetime.datetime | None = None
+    claimed: int = Field(0, description="Slots of this instance the replica may use; all claims ≤ the limit.")
+    claimed_at: datetime.datetime | None = Field(
+        None, description="When the claim was last renewed; an older claim than the claim TTL counts for nothing."
+    )
+    waiting: int = Field(0, description="Requests the replica holds queued that this instance could serve.")
 
 
 class InstanceStatus(_Wire):

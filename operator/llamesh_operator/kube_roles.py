@@ -85,7 +85,9 @@ async def gateway(node_config: config.NodeConfig, *, kubeconfig: str | None, nam
     gateway_id = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     node_name = os.environ.get("NODE_NAME") or node_config.node_id
     resource_store = connect(kubeconfig=kubeconfig, namespace=namespace)
-    app = gateway_app.create_app(node_config, store=resource_store, gateway_id=gateway_id, node_name=node_name)
+    app = gateway_app.create_app(
+        node_config, store=resource_store, gateway_id=gateway_id, node_name=node_name, shared_slots=True
+    )
     runner = gateway_app.make_runner(app)
     stop = serve.Signals()
     try:

@@ -27,10 +27,15 @@ TEXT, EMBEDDINGS, RERANK = catalog.Capability.TEXT, catalog.Capability.EMBEDDING
 
 
 def create_app(
-    node_config: config.NodeConfig, *, store: store.Store, gateway_id: str, node_name: str
+    node_config: config.NodeConfig, *, store: store.Store, gateway_id: str, node_name: str, shared_slots: bool = False
 ) -> web.Application:
-    """The OpenAI gateway for `node_config`, reading and writing resources through `store`."""
-    gw = gateway.Gateway(node_config, store=store, gateway_id=gateway_id, node_name=node_name)
+    """The OpenAI gateway for `node_config`, reading and writing resources through `store`.
+
+    `shared_slots`: other gateway replicas serve the same instances (Kubernetes); keep the per-instance
+    slot limit together with them (`sharing`)."""
+    gw = gateway.Gateway(
+        node_config, store=store, gateway_id=gateway_id, node_name=node_name, shared_slots=shared_slots
+    )
     middlewares: list[typedefs.Middleware] = [errors.error_middleware]
     if gw.authenticator.enabled:
         middlewares.append(gw.authenticator.middleware())
@@ -98,6 +103,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     tasks = await following.follow(gw)  # returns once every kind is listed: the catalog is full
     tasks.append(asyncio.create_task(following.publish_usage(gw), name="gateway: publish usage"))
+    if gw.sharing is not None:
+        tasks.append(asyncio.create_task(gw.sharing.run(), name="gateway: slot claims"))
     yield
     for task in tasks:
         task.cancel()
@@ -105,3 +112,5 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await gw.dispatcher.close()
+    if gw.sharing is not None:
+        await gw.sharing.close()

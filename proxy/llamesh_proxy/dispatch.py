@@ -21,7 +21,7 @@ import secrets
 import time
 
 from llamesh_api import resources, store
-from llamesh_proxy import catalog, errors, metrics, queueing
+from llamesh_proxy import catalog, errors, metrics, queueing, sharing
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Dispatcher:
         self._gateway_id = gateway_id
         self._waiters: dict[int, asyncio.Future[Lease]] = {}
         self._creating: set[asyncio.Task[None]] = set()
+        self.sharing: sharing.SlotClaims | None = None  # set when replicas share slots
         self.last_request_at: dict[str, float] = {}  # instance → time.time() of its last start or end
 
     async def acquire(self, target: catalog.Target) -> Lease:
@@ -75,6 +76,8 @@ class Dispatcher:
         if isinstance(decision, queueing.Rejected):
             raise self._rejection(decision.reason)
         ticket = decision.ticket
+        if self.sharing is not None:
+            self.sharing.need(target)
         wait_s = target.max_wait_ms / 1000 if target.max_wait_ms else None
         if decision.spawn is not None:
             self._create(target, decision.spawn, resources.Reason.DEMAND)
@@ -128,6 +131,8 @@ class Dispatcher:
             name_factory=functools.partial(self._name_for, target),
         )
         self._apply(changes)
+        if self.sharing is not None:
+            self.sharing.changed(target)
 
     def forget(self, pool: str) -> None:
         """The profile is no longer served: its waiters get 404."""
@@ -160,6 +165,10 @@ class Dispatcher:
             raise errors.UpstreamError(f"Upstream error: instance {instance} has no address")
         self.last_request_at[instance] = time.time()
         return Lease(ticket=ticket, instance=instance, url=url, queued_ms=queued_ms)
+
+    def apply(self, changes: queueing.Changes) -> None:
+        """Carry out what the board decided (grants, failures, spawns); for `sharing`'s allowance changes."""
+        self._apply(changes)
 
     def _apply(self, changes: queueing.Changes) -> None:
         pending = [changes]

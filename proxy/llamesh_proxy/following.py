@@ -138,7 +138,9 @@ async def publish_once(gw: gateway.Gateway, published: dict[str, Usage]) -> None
         )
 
         try:
-            await gw.store.patch_status(resources.LlamaInstance, name, {"usage": {gw.gateway_id: report.to_wire()}})
+            # only the traffic fields: the same entry's slot claims are `sharing`'s to write
+            traffic = {key: report.to_wire().get(key) for key in ("inFlight", "lastRequestAt")}
+            await gw.store.patch_status(resources.LlamaInstance, name, {"usage": {gw.gateway_id: traffic}})
         except store.NotFound:
             published.pop(name, None)
         except Exception:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 import llamesh_api
 from llamesh_api import config, store
-from llamesh_proxy import auth, catalog, dispatch, forwarder, metrics, queueing
+from llamesh_proxy import auth, catalog, dispatch, forwarder, metrics, queueing, sharing
 
 VERSION = llamesh_api.__version__
 
@@ -25,7 +25,15 @@ VERSION = llamesh_api.__version__
 class Gateway:
     """State of one gateway replica (`gateway_id`), running next to node `node_name`."""
 
-    def __init__(self, node_config: config.NodeConfig, *, store: store.Store, gateway_id: str, node_name: str) -> None:
+    def __init__(
+        self,
+        node_config: config.NodeConfig,
+        *,
+        store: store.Store,
+        gateway_id: str,
+        node_name: str,
+        shared_slots: bool = False,
+    ) -> None:
         self.config = node_config
         self.store = store
         self.gateway_id = gateway_id
@@ -34,10 +42,21 @@ class Gateway:
         self.draining = False
         self.metrics = metrics.Metrics()
         self.catalog = catalog.Catalog(defaults=node_config.model_defaults)
-        self.board = queueing.Board(max_total_queue=node_config.max_total_queue_entries)
+        self.board = queueing.Board(max_total_queue=node_config.max_total_queue_entries, shared=shared_slots)
         self.dispatcher = dispatch.Dispatcher(
             board=self.board, catalog=self.catalog, store=store, metrics=self.metrics, gateway_id=gateway_id
         )
+        # several replicas in front of the same instances keep the slot limit together (`sharing`)
+        self.sharing: sharing.SlotClaims | None = None
+        if shared_slots:
+            self.sharing = sharing.SlotClaims(
+                board=self.board,
+                catalog=self.catalog,
+                store=store,
+                gateway_id=gateway_id,
+                apply=self.dispatcher.apply,
+            )
+            self.dispatcher.sharing = self.sharing
         self.authenticator = auth.Authenticator(node_config.auth)
         self.registry = metrics.registry(self.metrics, self.live)
         self._forwarder: forwarder.Forwarder | None = None

@@ -13,7 +13,9 @@ the slots this gateway holds on each instance, and one FIFO queue per pool. Rule
 - a new instance is asked for when the instances still coming cannot absorb the queue and the pool is below
   `max_instances`; an instance that fails before ever becoming READY while nothing else is live fails the
   whole queue (spawn_failures_exhausted); a pool that loses its instances any other way asks for a new one;
-- draining rejects newcomers and fails every waiter.
+- draining rejects newcomers and fails every waiter;
+- with `shared` slots (several gateway replicas in front of the same instances), this gateway may use on an
+  instance only the slots it has claimed there (`set_allowance`, see `sharing`), never more than the limit.
 
 Pure: no I/O, no clock, no asyncio. Waiting, timeouts and store writes are `dispatch`'s; every method here
 returns what the caller must do (grant, fail, create) and never does it.
@@ -134,9 +136,11 @@ class _Pool:
 class Board:
     """One gateway's admission state. Not thread-safe; one event loop drives it."""
 
-    def __init__(self, *, max_total_queue: int) -> None:
+    def __init__(self, *, max_total_queue: int, shared: bool = False) -> None:
         self.max_total_queue = max_total_queue
+        self.shared = shared
         self.draining = False
+        self._allowance: dict[str, int] = {}  # instance → slots this gateway claimed there (shared only)
         self._pools: dict[str, _Pool] = {}
         self._in_flight: dict[str, int] = {}  # instance → slots held (granted or serving)
         self._waiting: dict[int, str] = {}  # ticket → pool
@@ -272,6 +276,18 @@ class Board:
 
     # --- views --------------------------------------------------------------------------------
 
+    def set_allowance(self, pool_key: str, instance: str, slots: int) -> Changes:
+        """Shared slots: this gateway may now hold up to `slots` requests on `instance` (grants if it grew)."""
+        if slots:
+            self._allowance[instance] = slots
+        else:
+            self._allowance.pop(instance, None)
+        pool = self._pools.get(pool_key)
+        return self._grant(pool) if pool is not None else Changes()
+
+    def allowance(self, instance: str) -> int:
+        return self._allowance.get(instance, 0)
+
     def in_flight(self, instance: str) -> int:
         return self._in_flight.get(instance, 0)
 
@@ -312,9 +328,15 @@ class Board:
         best_load = 0
         for instance in pool.routable:
             load = self._in_flight.get(instance, 0)
-            if (limit == 0 or load < limit) and (best is None or load < best_load):
+            if self._has_room(instance, load, limit) and (best is None or load < best_load):
                 best, best_load = instance, load
         return best
+
+    def _has_room(self, instance: str, load: int, limit: int) -> bool:
+        if limit == 0:
+            return True  # unlimited: nothing to share either
+        cap = min(limit, self._allowance.get(instance, 0)) if self.shared else limit
+        return load < cap
 
     def _hold(self, ticket: int, pool_key: str, instance: str) -> None:
         self._held[ticket] = (pool_key, instance)

@@ -44,8 +44,17 @@ kmock's own features still work: the `kmock` pytest fixture with `@pytest.mark.k
 (`kmock['get /apis/llamesh.dev/v1alpha1/namespaces/default/llamamodels/m1'][:1] << 418`; reactions added
 with `.fallback` are ignored for custom resources).
 
-Core resources get the same emulation once declared (`kmock.resources.load_bundled()`), but kmock's path
-parser cannot read `/api/v1/namespaces[/NAME]`. Deliberately not here: schema validation and defaulting,
+Core resources get the same emulation once declared (all: `kmock.resources.load_bundled()`; one:
+`kmock.resources["v1/events"] = kmock.ResourceInfo(namespaced=True, kind="Event")`), namespaces included:
+kmock's path parser cannot read `/api/v1/namespaces[/NAME[/status]]` (every such request was a 500), so those
+requests reach it under a made-up namespace, which `_handle` takes away again. Discovery answers what a real
+server answers where kmock's differs: `/api/v1` says `groupVersion: v1` (kmock: `/v1`, so kubectl found no core
+resource), and a subresource (`llamamodels/status`) has no short names (kmock copied its resource's, so kubectl
+warned that each short name was ambiguous). With these, kopf (namespaces, discovery) and kubectl (api-resources,
+apply --validate=false, get, patch, wait, delete --wait) work against it.
+
+Deliberately not here: the OpenAPI document (kubectl's validation needs it: apply with `--validate=false`),
+Table answers (kubectl shows names and ages, no printer columns), schema validation and defaulting,
 server-side apply, dry-run, deletecollection, managedFields, owner-reference garbage collection, namespace
 existence, RBAC; test those against the real server in `rig.apiserver`.
 """
@@ -287,6 +296,19 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._watch_faults.clear()
 
     # --- request handling ------------------------------------------------------------------------------------
+
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """Discovery of one group version (`/api/v1`, `/apis/GROUP/VERSION`) as a real server answers it: kmock
+        says `groupVersion: /v1` for the core group, so kubectl finds no core resource, and gives a subresource
+        (`llamamodels/status`) the short names of its resource, so kubectl warns that each short name is
+        ambiguous. A real server: `v1`, and subresources with no short names, categories or singular name."""
+        payload = await super()._serve_version(request)
+        if request.resource is not None and request.resource.group == "":
+            payload["groupVersion"] = request.resource.version
+        for entry in payload["resources"]:
+            if "/" in entry["name"]:
+                entry.update(singularName="", shortNames=[], categories=[], verbs=["get", "patch", "update"])
+        return payload
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         """kmock's path parser reads `/api/v1/namespaces[/NAME[/status]]` as the start of a namespaced path and
