@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 from collections.abc import Callable
@@ -37,6 +38,34 @@ async def _no_record(obj: resources.Resource, *, reason: str, message: str, warn
     return None  # bare metal: the log lines say it
 
 
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """What the planner reads: every model, instance and node."""
+
+    models: list[resources.LlamaModel]
+    instances: list[resources.LlamaInstance]
+    nodes: list[resources.LlamaNode]
+
+
+class WorldSource(Protocol):
+    """Where a pass reads the world from (the seam: a fresh listing by default, caches if they are enough)."""
+
+    async def __call__(self) -> Observed: ...
+
+
+def listing(resource_store: store.Store) -> WorldSource:
+    """A fresh list of each kind per pass: after its own writes, a pass never plans on an older world."""
+
+    async def observe() -> Observed:
+        return Observed(
+            models=(await resource_store.list(resources.LlamaModel)).items,
+            instances=(await resource_store.list(resources.LlamaInstance)).items,
+            nodes=(await resource_store.list(resources.LlamaNode)).items,
+        )
+
+    return observe
+
+
 class Controller:
     def __init__(
         self,
@@ -45,8 +74,10 @@ class Controller:
         defaults: Callable[[], config.ModelDefaults],
         interval: float = 1.0,
         record: Recorder = _no_record,
+        observe: WorldSource | None = None,
     ) -> None:
         self._store = resource_store
+        self._observe = observe or listing(resource_store)
         self._defaults = defaults
         self._interval = interval
         self._record = record
@@ -55,11 +86,9 @@ class Controller:
         self._lost_nodes: set[str] = set()  # nodes said to be lost, until they are not
 
     async def reconcile_once(self) -> list[planning.Action]:
+        observed = await self._observe()
         world = planning.World(
-            models=(await self._store.list(resources.LlamaModel)).items,
-            instances=(await self._store.list(resources.LlamaInstance)).items,
-            nodes=(await self._store.list(resources.LlamaNode)).items,
-            defaults=self._defaults(),
+            models=observed.models, instances=observed.instances, nodes=observed.nodes, defaults=self._defaults()
         )
         names = {instance.name for instance in world.instances}
         self._unschedulable = {name: why for name, why in self._unschedulable.items() if name in names}
