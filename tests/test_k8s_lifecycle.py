@@ -16,10 +16,11 @@ import contextlib
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import openai
 import psutil
 import pytest
@@ -161,6 +162,7 @@ async def test_lifecycle_from_kubectl_apply_to_nothing_left(
         # idle for 3 s → drained → stopped → removed; the llama-server process goes with it
         await waiting.eventually(_none_left(c), within_s=90, what="the idle instance to be removed")
         await waiting.eventually(lambda: not agent_llama_servers(agent), within_s=30, what="llama-server to exit")
+        assert not await port_open(served.status.host or "", served.status.port or 0)  # its port is free again
 
         await c.kubectl("delete", "lm/tiny", "--wait=true", "--timeout=60s")
         assert await c.store.get(resources.LlamaModel, "tiny") is None
@@ -211,17 +213,41 @@ async def test_invalid_spec_is_not_accepted_and_two_operators_never_both_act(
             await c.kubectl("delete", f"lm/{name}", "--wait=true", "--timeout=60s")
 
 
-async def chat_once(base_url: str, model: str = "tiny") -> str:
+async def chat_once(base_url: str, model: str = "tiny", *, max_tokens: int = 4) -> str:
     client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=180)
     try:
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens, stream=True
         )
         chunks = [chunk async for chunk in stream]
         assert chunks and chunks[-1].choices[0].finish_reason is not None
         return chunks[0].id
     finally:
         await client.close()
+
+
+async def port_open(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
+async def busiest_slots(llama_url: str, load: Awaitable[object]) -> int:
+    """The most slots llama-server reported busy at once (its /slots) while `load` ran."""
+    running = asyncio.ensure_future(load)
+    most = 0
+    async with aiohttp.ClientSession() as session:
+        while not running.done():
+            async with session.get(llama_url + "/slots") as response:
+                slots = await response.json()
+            most = max(most, sum(1 for slot in slots if slot.get("is_processing")))
+            await asyncio.sleep(0.005)
+    await running
+    return most
 
 
 def all_exited(found: list[psutil.Process]) -> bool:
@@ -258,7 +284,8 @@ async def test_replicas_restarts_and_an_api_server_restart(
         urls = [f"http://{yaml.safe_load(c.config_path.read_text())['listen_addr']}", f"http://127.0.0.1:{second_port}"]
         for gateway in (first, second):
             await waiting.eventually(lambda g=gateway: "serving on" in g.log_text(), within_s=90, what="gateways")
-        await c.kubectl("apply", "-f", "-", stdin=model_yaml("tiny", chat_model, idle_s=600, parallel=2))
+        # llama-server takes 4 at once; the gateways together must never give it more than the limit (2)
+        await c.kubectl("apply", "-f", "-", stdin=model_yaml("tiny", chat_model, idle_s=600, parallel=4))
         for url in urls:
             await waiting.eventually(lambda u=url: gateway_lists(u, "tiny"), within_s=60, what="tiny listed")
 
@@ -275,6 +302,13 @@ async def test_replicas_restarts_and_an_api_server_restart(
         await waiting.eventually(lambda: gateway_lists(urls[1], "tiny-two"), within_s=90, what="watches resumed")
         await chat_once(urls[1], "tiny-two")
         assert len(agent_llama_servers(agent)) == 2
+
+        # eight long streams through both gateways at once: llama-server never has more than 2 busy slots
+        busiest = await busiest_slots(
+            f"http://{only.status.host}:{only.status.port}",
+            asyncio.gather(*(chat_once(url, max_tokens=96) for url in urls * 4)),
+        )
+        assert busiest == 2, f"{busiest} slots busy at once with a limit of 2"
 
         # the agent is killed: its llama-servers die with it; its successor serves again
         children = agent_llama_servers(agent)
