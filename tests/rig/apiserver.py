@@ -331,7 +331,7 @@ async def apply_crds(
 
             async def established(name: str = name) -> bool:
                 got = await _get_json(session, f"{base}/{name}")
-                conditions = (got or {}).get("status", {}).get("conditions", [])
+                conditions = ((got or {}).get("status") or {}).get("conditions") or []
                 return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
             await _wait_for(established, deadline_s, f"CRD {name} to be Established", server)
