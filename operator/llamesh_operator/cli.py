@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(build, cookbook=False)
     build.add_argument("--force", action="store_true", help="rebuild even when a finished build exists")
 
+    convert = commands.add_parser("cookbook-to-k8s", help="print a cookbook's models as LlamaModel manifests")
+    convert.add_argument("cookbook", type=Path, help="cookbook.yaml")
+    convert.add_argument("--namespace", help="put the LlamaModels in this namespace (default: kubectl's)")
+
     crds_command = commands.add_parser("crds", help="print the CustomResourceDefinitions (or write them to a folder)")
     crds_command.add_argument("--write", type=Path, metavar="DIR", help="write one file per CRD into DIR")
 
@@ -128,6 +132,19 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cookbook_to_k8s(args: argparse.Namespace) -> int:
+    from llamesh_operator import cookbook_k8s
+
+    book = loading.load_cookbook(args.cookbook)
+    try:
+        print(cookbook_k8s.render(book, namespace=args.namespace), end="")
+    except cookbook_k8s.ConversionError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _kubernetes_role(args: argparse.Namespace) -> int:
     from llamesh_operator import kopf_operator, kube_roles, logsetup, serve
 
@@ -143,7 +160,13 @@ def _kubernetes_role(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"validate": _validate, "build-llama": _build_llama, "serve": _serve, "crds": _crds}
+    handlers = {
+        "validate": _validate,
+        "build-llama": _build_llama,
+        "serve": _serve,
+        "crds": _crds,
+        "cookbook-to-k8s": _cookbook_to_k8s,
+    }
     handler = handlers.get(args.command, _kubernetes_role)
     try:
         return handler(args)
