@@ -1,10 +1,12 @@
 """The CRDs: crds/ matches what the models render (no drift), every schema is structural (a type on every
 node, no $ref/anyOf/titles, no null defaults, free-form maps preserved), names/short names/printer
-columns/status subresource are set, and objects the code writes validate against their schema — which
-kmock does not check, so this is where a real API server's refusal would show first."""
+columns/status subresource are set, every field has a description (and a real API server's `kubectl explain`
+shows it), and objects the code writes validate against their schema — which kmock does not check, so this
+is where a real API server's refusal would show first."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import subprocess
 import sys
@@ -15,8 +17,10 @@ import pytest
 import yaml
 
 from llamesh_api import cookbook, crds, resources
+from rig import apiserver
 
 CRDS_DIR = Path(__file__).parent.parent / "crds"
+KUBECTL = "/usr/bin/kubectl"
 
 
 def schema_of(kind: type[resources.Resource]) -> dict[str, Any]:
@@ -147,3 +151,26 @@ def test_cli_prints_every_crd() -> None:
     )
     names = [doc["metadata"]["name"] for doc in yaml.safe_load_all(result.stdout)]
     assert names == ["llamamodels.llamesh.dev", "llamainstances.llamesh.dev", "llamanodes.llamesh.dev"]
+
+
+@pytest.mark.parametrize("kind", resources.RESOURCE_KINDS, ids=lambda kind: kind.kind_name)
+def test_every_field_has_a_description(kind: type[resources.Resource]) -> None:
+    undescribed = [path or "(root)" for path, node in walk(schema_of(kind)) if not node.get("description", "").strip()]
+    assert undescribed == [], f"{kind.kind_name}: give these a Field(description=...): {undescribed}"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_kubectl_explain_shows_the_profile_field_descriptions(real_apiserver: apiserver.ApiServer) -> None:
+    completed = await asyncio.to_thread(
+        subprocess.run,
+        [KUBECTL, "explain", "llamamodels.spec.profiles", f"--api-version={resources.API_VERSION}",
+         f"--kubeconfig={real_apiserver.kubeconfig_path}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    shown = " ".join(completed.stdout.split())  # kubectl wraps descriptions; compare with whitespace collapsed
+    profile = schema_of(resources.LlamaModel)["properties"]["spec"]["properties"]["profiles"]
+    assert " ".join(profile["description"].split()) in shown
+    for field in ("idleTimeoutSeconds", "maxInstances", "llamaServerArgs", "minInstances"):
+        description = profile["items"]["properties"][field]["description"]
+        assert field in shown and " ".join(description.split()) in shown, f"{field}: {completed.stdout}"

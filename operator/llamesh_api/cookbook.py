@@ -10,7 +10,7 @@ the gateway's own rules.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,27 +39,106 @@ class _Spec(BaseModel):
 
 
 class Profile(_Spec):
-    id: str = Field(min_length=1, description="Profile id; clients ask for it as `model:id`.")
-    description: str | None = None
-    enabled: bool = True
-    model_path: str | None = Field(None, description="Local GGUF file.")
-    hf_repo: str | None = Field(None, description="Hugging Face repository to download the GGUF from.")
-    hf_file: str | None = Field(None, description="File inside hf_repo.")
-    llama_server_args: list[str] = Field(
-        default_factory=list,
-        description="Extra llama-server flags as a list of words (cookbook.yaml also takes one shell-style string).",
+    """One profile: a llama-server command line for the model, with its own limits and timeouts."""
+
+    id: str = Field(
+        min_length=1,
+        description=(
+            "Profile id; clients ask for it as `model:id` (the bare model name means `default`). "
+            "Unique per model, case-insensitive, no ':'."
+        ),
     )
-    idle_timeout_seconds: int = Field(DEFAULT_IDLE_TIMEOUT_SECONDS, ge=0)
-    startup_timeout_seconds: int | None = Field(None, ge=1)
-    download_timeout_seconds: int | None = Field(None, ge=1)
-    max_instances: int | None = Field(None, ge=0, description="0 = never run here; unset = model_defaults.")
-    max_wait_in_queue_ms: int | None = Field(None, ge=0)
-    max_request_duration_ms: int | None = Field(None, ge=0)
-    max_queue_size: int | None = Field(None, ge=0)
-    estimated_vram_mb: int | None = Field(None, ge=0)
-    estimated_sysmem_mb: int | None = Field(None, ge=0)
-    min_eviction_tenure_secs: int | None = Field(None, ge=0)
-    min_instances: int = Field(0, ge=0, description="Instances kept running even when idle.")
+    description: str | None = Field(None, description="Free text about the profile, shown in /v1/models metadata.")
+    enabled: bool = Field(
+        True, description="Serve this profile; false drains its instances and hides it from /v1/models. Default: true."
+    )
+    model_path: str | None = Field(
+        None, description="Local GGUF file on the node (one model source: this, hfRepo, or -m/-hfr in the args)."
+    )
+    hf_repo: str | None = Field(
+        None, description="Hugging Face repository to download the GGUF from when an instance starts."
+    )
+    hf_file: str | None = Field(
+        None, description="File inside hfRepo; unset = llama-server picks the repository's default."
+    )
+    llama_server_args: list[Annotated[str, Field(description="One word of the llama-server command line.")]] = Field(
+        default_factory=list,
+        description=(
+            "Extra llama-server flags as a list of words (cookbook.yaml also takes one shell-style string); "
+            "--host, --port, -c 0 and --fit off are added unless given here."
+        ),
+    )
+    idle_timeout_seconds: int = Field(
+        DEFAULT_IDLE_TIMEOUT_SECONDS,
+        ge=0,
+        description=(
+            "Seconds an idle instance (nothing in flight) keeps running before it drains (minInstances stay); "
+            "default: 300."
+        ),
+    )
+    startup_timeout_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Seconds a local model (modelPath) may take to load and answer /health; unset = 60.",
+    )
+    download_timeout_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Seconds a Hugging Face model may take to download and load (hfRepo, -hfr); unset = 3600.",
+    )
+    max_instances: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Most instances of this profile at once; 0 = never run here; "
+            "unset = model_defaults.max_instances_per_model (4)."
+        ),
+    )
+    max_wait_in_queue_ms: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Milliseconds a request may wait in the queue for a slot before it fails; 0 = forever; "
+            "unset = model_defaults.max_wait_in_queue_ms (60000)."
+        ),
+    )
+    max_request_duration_ms: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Milliseconds one request may run before it is cut off; 0 = unlimited; "
+            "unset = model_defaults.max_request_duration_ms (0)."
+        ),
+    )
+    max_queue_size: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Requests a gateway replica queues for this profile before refusing more; 0 = unlimited; "
+            "unset = model_defaults.max_queue_size_per_model (0)."
+        ),
+    )
+    estimated_vram_mb: int | None = Field(
+        None,
+        ge=0,
+        description="VRAM (MB) one instance needs, used for placement until its peak is learned; unset = 0.",
+    )
+    estimated_sysmem_mb: int | None = Field(
+        None,
+        ge=0,
+        description="System memory (MB) one instance needs, used for placement until its peak is learned; unset = 0.",
+    )
+    min_eviction_tenure_secs: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Seconds a busy instance serves before it may be drained for another model; "
+            "unset = model_defaults.min_eviction_tenure_secs (15)."
+        ),
+    )
+    min_instances: int = Field(
+        0, ge=0, description="Instances kept running even when idle (capped by maxInstances); default: 0."
+    )
 
     @pydantic.field_validator("llama_server_args", mode="before")
     @classmethod
@@ -149,9 +228,14 @@ class Profile(_Spec):
 class ModelSpec(_Spec):
     """`LlamaModel.spec`: one cookbook model without its name (the name is the resource's)."""
 
-    description: str | None = None
-    enabled: bool = True
-    profiles: list[Profile] = Field(min_length=1)
+    description: str | None = Field(None, description="Free text about the model, shown in /v1/models metadata.")
+    enabled: bool = Field(
+        True, description="Serve this model; false drains the instances of all its profiles. Default: true."
+    )
+    profiles: list[Profile] = Field(
+        min_length=1,
+        description="Ways to run the model (at least one; ids unique, case-insensitive); clients ask for `model:id`.",
+    )
 
     @pydantic.model_validator(mode="after")
     def _unique_profiles(self) -> Self:

@@ -57,11 +57,13 @@ class ObjectMeta(_Wire):
 
 
 class Condition(_Wire):
-    type: str
-    status: str  # "True" | "False" | "Unknown"
-    reason: str = ""
-    message: str = ""
-    last_transition_time: datetime.datetime | None = None
+    """One Kubernetes-style condition: an aspect of the object and whether it holds."""
+
+    type: str = Field(description="What the condition is about, e.g. Accepted or Ready.")
+    status: str = Field(description="True, False or Unknown.")  # "True" | "False" | "Unknown"
+    reason: str = Field("", description="CamelCase cause of the latest transition, e.g. InstancesReady.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: datetime.datetime | None = Field(None, description="When status last changed.")
 
 
 class Resource(_Wire):
@@ -87,21 +89,36 @@ class Resource(_Wire):
 
 
 class ProfileStatus(_Wire):
-    args_hash: str
-    ready_instances: int = 0
-    instances: int = 0
-    parsed_model_params: dict[str, Any] | None = None
+    """How one enabled profile of the model is running."""
+
+    args_hash: str = Field(
+        description="Hash of the profile's effective llama-server args; instances with another hash are drained."
+    )
+    ready_instances: int = Field(0, description="Instances of this profile that are Ready and not draining.")
+    instances: int = Field(0, description="Instances of this profile not Stopped or Failed (starting ones included).")
+    parsed_model_params: dict[str, Any] | None = Field(
+        None, description="What a ready instance's llama-server reported (n_ctx, n_slots, ...); unset until one is."
+    )
 
 
 class ModelStatus(_Wire):
-    observed_generation: int | None = None
-    ready_instances: int = 0
-    instances: int = 0
-    profiles: dict[str, ProfileStatus] = Field(default_factory=dict)
-    conditions: list[Condition] = Field(default_factory=list)
+    """What the operator last observed of the model's instances; written by the operator only."""
+
+    observed_generation: int | None = Field(None, description="The metadata.generation this status was computed for.")
+    ready_instances: int = Field(0, description="Ready, non-draining instances over all profiles.")
+    instances: int = Field(0, description="Instances not Stopped or Failed over all profiles (starting ones included).")
+    profiles: dict[str, ProfileStatus] = Field(
+        default_factory=dict, description="Per enabled profile id: its instance counts and args hash."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Accepted (the spec passes the cookbook's checks) and Ready (at least one instance is ready).",
+    )
 
 
 class LlamaModel(Resource):
+    """A model clients can ask for by name, with its profiles (one cookbook.yaml entry)."""
+
     kind_name = "LlamaModel"
     plural = "llamamodels"
     short_name = "lm"
@@ -135,26 +152,40 @@ class Phase(enum.StrEnum):
 
 
 class Reason(enum.StrEnum):
+    """Why an instance was created."""
+
     DEMAND = "demand"
     PREWARM = "prewarm"
     MIN_INSTANCES = "min_instances"
 
 
 class InstanceSpec(_Wire):
-    model: str
-    profile: str
-    args_hash: str
-    reason: Reason = Reason.DEMAND
-    node_name: str | None = Field(None, description="The node that runs it; set by the operator.")
-    drain: bool = Field(False, description="Stop taking requests and stop once idle.")
-    drain_reason: str | None = None
+    """Which model profile to run, where, and whether to wind it down."""
+
+    model: str = Field(description="Name of the LlamaModel this instance serves (same namespace).")
+    profile: str = Field(description="Id of the model's profile whose llama-server command line it runs.")
+    args_hash: str = Field(
+        description="Hash of the profile's effective llama-server args when it was created; a change drains it."
+    )
+    reason: Reason = Field(
+        Reason.DEMAND, description="Why it was created: demand (a request), prewarm or min_instances; default: demand."
+    )
+    node_name: str | None = Field(
+        None, description="The node that runs it; set by the operator (unset = not yet placed, Pending)."
+    )
+    drain: bool = Field(False, description="Stop taking requests and stop once idle; set by the operator.")
+    drain_reason: str | None = Field(
+        None, description="Why it drains, e.g. idle, profile_changed, profile_removed or capacity: ..."
+    )
 
 
 class GatewayUsage(_Wire):
     """What one gateway replica reports about its traffic to an instance (only that replica writes it)."""
 
-    in_flight: int = 0
-    last_request_at: datetime.datetime | None = None
+    in_flight: int = Field(0, description="Requests this replica has running on the instance now.")
+    last_request_at: datetime.datetime | None = Field(
+        None, description="When this replica last sent the instance a request; idle time counts from the latest."
+    )
     claimed: int = Field(0, description="Slots of this instance the replica may use; all claims ≤ the limit.")
     claimed_at: datetime.datetime | None = Field(
         None, description="When the claim was last renewed; an older claim than the claim TTL counts for nothing."
@@ -163,22 +194,33 @@ class GatewayUsage(_Wire):
 
 
 class InstanceStatus(_Wire):
-    phase: Phase = Phase.PENDING
-    message: str = ""
-    host: str | None = None
-    port: int | None = None
-    pid: int | None = None
-    started_at: datetime.datetime | None = None
-    ready_at: datetime.datetime | None = None
-    stopped_at: datetime.datetime | None = None
-    n_slots: int | None = None
-    parsed_model_params: dict[str, Any] | None = None
-    llama_cpp_version: str | None = None
-    spawn_attempts: int = 0
-    peak_sysmem_mb: int | None = None
-    peak_vram_mb: int | None = None
-    usage: dict[str, GatewayUsage] = Field(default_factory=dict)
-    conditions: list[Condition] = Field(default_factory=list)
+    """The llama-server process as its node's agent reports it, plus each gateway replica's traffic."""
+
+    phase: Phase = Field(
+        Phase.PENDING,
+        description="Pending, Scheduled, Downloading, Starting, Ready, Draining, Stopped or Failed; default: Pending.",
+    )
+    message: str = Field("", description="Progress or failure detail: download, start attempt, last log lines.")
+    host: str | None = Field(None, description="Address gateways connect to for this instance's llama-server.")
+    port: int | None = Field(None, description="TCP port llama-server listens on.")
+    pid: int | None = Field(None, description="Process id of llama-server on its node; unset when not running.")
+    started_at: datetime.datetime | None = Field(None, description="When the agent started it (download or spawn).")
+    ready_at: datetime.datetime | None = Field(None, description="When llama-server first answered /health with 200.")
+    stopped_at: datetime.datetime | None = Field(None, description="When the process stopped or failed.")
+    n_slots: int | None = Field(None, description="Requests llama-server serves at once (its parallel slots).")
+    parsed_model_params: dict[str, Any] | None = Field(
+        None, description="Model parameters llama-server reported at start-up (n_ctx, n_ctx_train, n_slots, ...)."
+    )
+    llama_cpp_version: str | None = Field(None, description="llama.cpp version of the llama-server binary it runs.")
+    spawn_attempts: int = Field(0, description="Process starts tried so far (a failed start is retried).")
+    peak_sysmem_mb: int | None = Field(None, description="Highest resident system memory of the process so far, in MB.")
+    peak_vram_mb: int | None = Field(None, description="Highest VRAM of the process so far, in MB (NVIDIA only).")
+    usage: dict[str, GatewayUsage] = Field(
+        default_factory=dict, description="Per gateway replica name: its traffic here; each writes only its own."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Kubernetes-style conditions (none set today; phase tells the state)."
+    )
 
     @property
     def in_flight(self) -> int:
@@ -191,6 +233,8 @@ class InstanceStatus(_Wire):
 
 
 class LlamaInstance(Resource):
+    """One llama-server process of a model profile on one node."""
+
     kind_name = "LlamaInstance"
     plural = "llamainstances"
     short_name = "li"
@@ -218,43 +262,71 @@ class LlamaInstance(Resource):
 
 
 class NodeSpec(_Wire):
-    max_vram_mb: int = 0
-    max_sysmem_mb: int = 0
-    max_instances: int = 100
-    address: str = Field("127.0.0.1", description="Where the gateway reaches this node's instances.")
-    rebuild_requests: int = Field(0, description="Bumped to ask the agent for a llama.cpp rebuild.")
+    """The node's capacity and address, as its agent publishes them from config.yaml."""
+
+    max_vram_mb: int = Field(0, description="VRAM in MB its instances may use together; 0 = no GPU memory to spend.")
+    max_sysmem_mb: int = Field(0, description="System memory in MB its instances may use together; 0 = no limit.")
+    max_instances: int = Field(
+        100, description="Most instances it runs at once (max_instances_per_node); default: 100."
+    )
+    address: str = Field(
+        "127.0.0.1", description="Where the gateway reaches this node's instances; default: 127.0.0.1."
+    )
+    rebuild_requests: int = Field(
+        0, description="Bumped to ask the agent for a llama.cpp rebuild (done while above status.rebuildsHandled)."
+    )
 
 
 class Learned(_Wire):
     """What a node learned about one args hash; kept across evictions and restarts."""
 
-    parsed_model_params: dict[str, Any] | None = None
-    llama_cpp_version: str | None = None
-    peak_sysmem_mb: int | None = None
-    peak_vram_mb: int | None = None
+    parsed_model_params: dict[str, Any] | None = Field(
+        None, description="Model parameters llama-server reported; unset when another llama.cpp version produced them."
+    )
+    llama_cpp_version: str | None = Field(None, description="llama.cpp version that produced parsedModelParams.")
+    peak_sysmem_mb: int | None = Field(
+        None, description="Highest resident system memory seen with these args, in MB; used to place instances."
+    )
+    peak_vram_mb: int | None = Field(
+        None, description="Highest VRAM seen with these args, in MB; used to place instances."
+    )
 
 
 class NodeStatus(_Wire):
-    ready: bool = False
-    draining: bool = False
-    binary_path: str | None = None
-    llama_cpp_version: str | None = None
-    is_building: bool = False
-    last_build_error: str | None = None
-    last_build_at: datetime.datetime | None = None
-    gpu_telemetry_available: bool = False
-    device_vram_total_mb: int = 0
-    device_vram_used_mb: int = 0
-    llamesh_vram_mb: int = 0
-    llamesh_sysmem_mb: int = 0
-    active_instances: int = 0
-    rebuilds_handled: int = 0
-    learned: dict[str, Learned] = Field(default_factory=dict, description="Keyed by args hash.")
-    heartbeat_at: datetime.datetime | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    """What the node's agent reports about the host, refreshed with every heartbeat."""
+
+    ready: bool = Field(False, description="A llama-server binary is in place and the agent is not shutting down.")
+    draining: bool = Field(False, description="The agent is shutting down; no new instances are placed here.")
+    binary_path: str | None = Field(None, description="The live llama-server binary; unset while there is none.")
+    llama_cpp_version: str | None = Field(None, description="llama.cpp version of the live binary.")
+    is_building: bool = Field(False, description="A llama.cpp build or rebuild is running.")
+    last_build_error: str | None = Field(None, description="Why the latest build failed, if it did.")
+    last_build_at: datetime.datetime | None = Field(None, description="When the latest build finished.")
+    gpu_telemetry_available: bool = Field(
+        False, description="NVML answered, so the device VRAM figures are real (false without an NVIDIA GPU)."
+    )
+    device_vram_total_mb: int = Field(0, description="VRAM of the node's GPUs at the last sample, in MB.")
+    device_vram_used_mb: int = Field(0, description="VRAM in use on the GPUs by anyone at the last sample, in MB.")
+    llamesh_vram_mb: int = Field(
+        0, description="VRAM of this agent's llama-server processes at the last sample, in MB."
+    )
+    llamesh_sysmem_mb: int = Field(
+        0, description="Resident memory of this agent's llama-server processes at the last sample, in MB."
+    )
+    active_instances: int = Field(0, description="Instances the agent runs now (starting, ready or stopping).")
+    rebuilds_handled: int = Field(0, description="How many of spec.rebuildRequests were carried out; never decreases.")
+    learned: dict[str, Learned] = Field(
+        default_factory=dict, description="Keyed by args hash: peak memory and model parameters learned here."
+    )
+    heartbeat_at: datetime.datetime | None = Field(None, description="When the agent last wrote this status.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Kubernetes-style conditions (none set today; ready tells the state)."
+    )
 
 
 class LlamaNode(Resource):
+    """One host whose agent runs llama-server instances."""
+
     kind_name = "LlamaNode"
     plural = "llamanodes"
     short_name = "ln"
