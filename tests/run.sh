@@ -12,6 +12,12 @@ if ! .venv/bin/python -c "import llamesh_api, pytest, kmock, openai, gguf" 2>/de
   .venv/bin/pip install --quiet -e '.[dev]'
 fi
 
+# The real kube-apiserver + etcd the Kubernetes tests start (envtest convention); tests/rig/apiserver.py says
+# how to get them when neither this nor ../shared/k8s is there (setup-envtest use 1.36).
+if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -f ../shared/k8s/assets ]; then
+  KUBEBUILDER_ASSETS="$(bash ../shared/k8s/assets)" && export KUBEBUILDER_ASSETS
+fi
+
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
