@@ -39,6 +39,7 @@ class KubeStore:
         self.client = client
         self.namespace = client.connection.namespace
         self._watch_timeout_s = watch_timeout_s
+        self._unreadable: set[tuple[str, str, str]] = set()  # (kind, name, resourceVersion) already warned of
 
     async def close(self) -> None:
         await self.client.close()
@@ -54,6 +55,18 @@ class KubeStore:
             base += f"/{subresource}"
         return base
 
+    def _readable(self, kind: type[R], wire: dict[str, Any]) -> R | None:
+        """`wire` as an object, or None (warned once per version: reconcile passes list it again and again)."""
+        try:
+            return _read(kind, wire)
+        except store.Invalid as exc:
+            metadata = wire.get("metadata") or {}
+            key = (kind.kind_name, str(metadata.get("name")), str(metadata.get("resourceVersion")))
+            if key not in self._unreadable:
+                self._unreadable.add(key)
+                log.warning("%s; left out until it is fixed", exc)
+            return None
+
     async def get(self, kind: type[R], name: str) -> R | None:
         try:
             wire = await self.client.request("GET", self.path(kind, name))
@@ -63,7 +76,7 @@ class KubeStore:
 
     async def list(self, kind: type[R]) -> store.Listing[R]:
         wire = await self.client.request("GET", self.path(kind))
-        items = [obj for obj in (_readable(kind, item) for item in wire.get("items", [])) if obj is not None]
+        items = [obj for obj in (self._readable(kind, item) for item in wire.get("items", [])) if obj is not None]
         return store.Listing(items, str(wire.get("metadata", {}).get("resourceVersion", "")))
 
     async def create(self, obj: R) -> R:
@@ -111,7 +124,7 @@ class KubeStore:
             if event_type == "ERROR":
                 raise kube_client.error_for(int(wire.get("code") or 500), json.dumps(wire))
             if event_type in ("ADDED", "MODIFIED", "DELETED"):
-                obj = _readable(kind, wire)
+                obj = self._readable(kind, wire)
                 if obj is not None:
                     yield store.Event(cast(store.EventType, event_type), obj)
             # BOOKMARK and anything newer: nothing to apply
@@ -123,14 +136,6 @@ def _read(kind: type[R], wire: dict[str, Any]) -> R:
     except pydantic.ValidationError as exc:
         name = wire.get("metadata", {}).get("name")
         raise store.Invalid(f"{kind.kind_name} {name!r} cannot be read: {_first_error(exc)}") from exc
-
-
-def _readable(kind: type[R], wire: dict[str, Any]) -> R | None:
-    try:
-        return _read(kind, wire)
-    except store.Invalid as exc:
-        log.warning("%s; left out until it is fixed", exc)
-        return None
 
 
 def _first_error(exc: pydantic.ValidationError) -> str:
