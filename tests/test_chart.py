@@ -27,8 +27,9 @@ Covers:
   namespace and cluster-wide) allow exactly the expected set, and `kubectl auth can-i --as` agrees;
 - the three roles run as local processes with their ServiceAccounts' tokens, so with only the chart's RBAC: the
   operator takes the Lease and accepts a model applied with kubectl (kopf's finalizer), a chat request through
-  the gateway is served by an instance the operator bound and the agent started (the fake llama-server), the
-  gateway writes its usage, the model's deletion goes through the finalizer, and no role logged a refusal.
+  the gateway is served by an instance the operator bound and the agent started (the real llama-server, a tiny
+  model), the gateway writes its usage, the model's deletion goes through the finalizer, and no role logged a
+  refusal.
 """
 
 from __future__ import annotations
@@ -671,14 +672,6 @@ async def test_rbac_grants_each_role_exactly_what_it_uses(
 
 # --- the roles under the chart's RBAC ---------------------------------------------------------------------------
 
-LLAMA_SERVER_STUB = """#!/bin/sh
-# llama-server for the chart test: answers the agent's smoke test, then runs the rig's fake llama-server.
-case "$1" in
-  --version) echo "version: 1 (c0ffee0)"; exit 0 ;;
-  --help) echo "usage: llama-server [--host HOST] [--port PORT] [-m MODEL]"; exit 0 ;;
-esac
-exec {python} {fake} "$@"
-"""
 REFUSALS = re.compile(r"is forbidden|Forbidden|Not enough permissions")  # the API server's words and kopf's
 NODE = "chart-node"
 
@@ -767,17 +760,14 @@ async def _eventually(
         raise AssertionError(f"{exc}\n{_logs(children)}") from None
 
 
-def _local_config(release: Release, workdir: Path, *, port: int) -> Path:
-    """The chart's config.yaml with what differs for local processes: where the gateway listens, a stub
-    llama-server instead of a build, caches in the test's folder. The chart's port range stays."""
+def _local_config(release: Release, workdir: Path, *, port: int, binary: Path) -> Path:
+    """The chart's config.yaml with what differs for local processes: where the gateway listens, the
+    machine's llama-server build instead of the image's, caches in the test's folder. The port range stays."""
     rendered = yaml.safe_load(config_yaml(release.objects))
-    stub = workdir / "llama-server"
-    stub.write_text(LLAMA_SERVER_STUB.format(python=sys.executable, fake=processes.FAKE_LLAMA_SERVER))
-    stub.chmod(0o755)
     rendered["listen_addr"] = f"127.0.0.1:{port}"
     rendered["metrics_path"] = str(workdir / "cache" / "state" / "node-metrics.json")
     rendered["shutdown_grace_period_seconds"] = 5
-    rendered["llama_cpp"].update(enabled=False, binary_path=str(stub), cache_dir=str(workdir / "cache"))
+    rendered["llama_cpp"].update(enabled=False, binary_path=str(binary), cache_dir=str(workdir / "cache"))
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(rendered))
     return path
@@ -785,12 +775,16 @@ def _local_config(release: Release, workdir: Path, *, port: int) -> Path:
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_the_roles_work_with_only_the_charts_rbac(
-    real_apiserver: apiserver.ApiServer, tools: helm.Tools, chart_rbac: Release, tmp_path: Path
+    real_apiserver: apiserver.ApiServer,
+    tools: helm.Tools,
+    chart_rbac: Release,
+    tmp_path: Path,
+    llama_server_binary: Path,
+    chat_model: Path,
 ) -> None:
     namespace = chart_rbac.namespace
     port = processes.free_port()
-    _local_config(chart_rbac, tmp_path, port=port)
-    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")  # the fake llama-server never reads it
+    _local_config(chart_rbac, tmp_path, port=port, binary=llama_server_binary)
     await _delete_leftover_nodes(real_apiserver)
     models = f"/apis/llamesh.dev/v1alpha1/namespaces/{namespace}/llamamodels"
     instances = f"/apis/llamesh.dev/v1alpha1/namespaces/{namespace}/llamainstances"
@@ -799,7 +793,7 @@ async def test_the_roles_work_with_only_the_charts_rbac(
         "apiVersion": "llamesh.dev/v1alpha1",
         "kind": "LlamaModel",
         "metadata": {"name": "tiny", "namespace": namespace},
-        "spec": {"profiles": [{"id": "default", "modelPath": str(tmp_path / "tiny.gguf"), "idleTimeoutSeconds": 600}]},
+        "spec": {"profiles": [{"id": "default", "modelPath": str(chat_model), "idleTimeoutSeconds": 600}]},
     }
     async with roles(real_apiserver, chart_rbac, tmp_path) as children:
         applied = await kubectl(tools, admin, "apply", "-f", "-", stdin=yaml.safe_dump(model))
