@@ -849,3 +849,55 @@ async def test_the_roles_work_with_only_the_charts_rbac(
         refusals = [line for line in child.log_text().splitlines() if REFUSALS.search(line)]
         assert not refusals, f"{name} was refused something the chart's RBAC should grant:\n" + "\n".join(refusals)
     await _delete_leftover_nodes(real_apiserver)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_helm_install_upgrade_and_uninstall_behave_as_documented(
+    real_apiserver: apiserver.ApiServer, helms: dict[str, Helm], tools: helm.Tools, tmp_path: Path
+) -> None:
+    """`helm install` creates every object of the release on the real API server; `helm upgrade` with changed
+    values changes them; `helm uninstall` removes them, and keeps the CRDs and the models applied by hand."""
+    namespace, release = "helm-lifecycle", "installed"
+    await apiserver.ensure_namespace(real_apiserver, namespace)
+    admin = real_apiserver.kubeconfig_path
+    helm4 = helms["helm4"]
+    where = ("--namespace", namespace, "--kubeconfig", str(admin))
+    model = {"name": "from-values", "spec": {"profiles": [{"id": "default", "modelPath": "/models/m.gguf"}]}}
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"models": [model]}))
+
+    installed = await asyncio.to_thread(helm4.run, "install", release, str(CHART), *where, "--values", str(values))
+    assert installed.returncode == 0, installed.stderr
+    manifest = await asyncio.to_thread(helm4.run, "get", "manifest", release, *where)
+    objects = [doc for doc in yaml.safe_load_all(manifest.stdout) if doc]
+    assert {"Deployment", "DaemonSet", "Service", "ConfigMap", "LlamaModel", "Role", "ClusterRole"} <= {
+        obj["kind"] for obj in objects
+    }
+    for obj in objects:
+        scope = ["-n", obj["metadata"].get("namespace") or namespace]
+        found = await kubectl(tools, admin, "get", *scope, f"{obj['kind']}/{obj['metadata']['name']}", "-o", "name")
+        assert found.returncode == 0, f"{obj['kind']} {obj['metadata']['name']} was not created: {found.stderr}"
+    by_hand = await kubectl(
+        tools, admin, "apply", "-n", namespace, "-f", str(ROOT / "examples/kubernetes/chat-model.yaml")
+    )
+    assert by_hand.returncode == 0, by_hand.stderr
+
+    upgraded = await asyncio.to_thread(
+        helm4.run, "upgrade", release, str(CHART), *where, "--values", str(values), "--set", "gateway.replicas=3"
+    )
+    assert upgraded.returncode == 0, upgraded.stderr
+    gateway = await kubectl(tools, admin, "get", "-n", namespace, "deployment", "-l",
+                            "app.kubernetes.io/component=gateway", "-o", "json")  # fmt: skip
+    assert [item["spec"]["replicas"] for item in json.loads(gateway.stdout)["items"]] == [3]
+
+    removed = await asyncio.to_thread(helm4.run, "uninstall", release, *where)
+    assert removed.returncode == 0, removed.stderr
+    left = await kubectl(tools, admin, "get", "-n", namespace, "deployments,daemonsets,services,configmaps", "-o",
+                         "name", "-l", f"app.kubernetes.io/instance={release}")  # fmt: skip
+    assert left.stdout.strip() == "", left.stdout
+    crds = await kubectl(tools, admin, "get", "crd", "llamamodels.llamesh.dev", "-o", "name")
+    assert crds.returncode == 0  # kept
+    kept = await kubectl(tools, admin, "get", "-n", namespace, "llamamodels", "-o", "name")
+    assert "gemma-3-270m" in kept.stdout  # applied by hand: not the release's to delete
+    assert "from-values" not in kept.stdout  # the release's own model went with it
+    await kubectl(tools, admin, "delete", "-n", namespace, "llamamodels", "--all", "--wait=false")
