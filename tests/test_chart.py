@@ -13,6 +13,8 @@ Covers:
   nested, from `--set` and from a values file) and the error names the key; its model spec mirrors the
   LlamaModel CRD and its `config` section names only llamesh config fields; RBAC and ServiceAccounts can be
   left to the user; API keys come from an existing Secret or one the chart makes (never none);
+- `helm install` creates every object of the release on the real API server, `helm upgrade` changes them,
+  `helm uninstall` removes them and keeps the CRDs and hand-applied models;
 - the notes (helm v4's client-side dry run) say how to reach the gateway and apply a first model;
 - the rendered config.yaml and secrets.yaml load with llamesh's own loader; API keys are in the Secret only;
   the agent's metrics_path is per node;
