@@ -21,7 +21,7 @@ Covers:
   the NetworkPolicy opens exactly the agent's `llama_cpp_ports` and only to gateway pods;
 - pods: non-root, read-only root filesystem, no capabilities, no privilege escalation, seccomp RuntimeDefault,
   requests and limits, no service-link variables; the downward-API variables each role reads; gateway probes
-  on /version and /readyz at its port; GPUs, runtimeClassName and cache volumes from values;
+  on /version and /readyz at its port, the operator's and agent's on /healthz and /readyz at 8081; GPUs, runtimeClassName and cache volumes from values;
 - every rendered object, CRDs included, passes `kubectl apply --dry-run=server` on the real API server
   (defaults and all features; a stand-in ServiceMonitor CRD for the Prometheus operator's);
 - RBAC is sufficient and minimal: with the chart's ServiceAccounts and RBAC applied, SubjectAccessReviews for
@@ -419,7 +419,12 @@ def test_pods_are_hardened_and_get_what_each_role_reads(rendered: dict[str, Obje
     assert gateway["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert gateway["livenessProbe"]["httpGet"] == {"path": "/version", "port": "http"}
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert "livenessProbe" not in pods["operator"]["containers"][0]  # no HTTP port to probe (a comment says so)
+    for component in ("operator", "agent"):  # `--health-port 8081`: /healthz and /readyz
+        container = pods[component]["containers"][0]
+        assert container["args"][-2:] == ["--health-port", "8081"]
+        assert container["ports"] == [{"name": "health", "containerPort": 8081, "protocol": "TCP"}]
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     service = one(rendered[which], "Service", f"{RELEASE}-llamesh-gateway")
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 

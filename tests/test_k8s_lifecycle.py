@@ -43,9 +43,11 @@ class Cluster:
     store: kube_store.KubeStore
     children: dict[str, processes.Child]
 
-    def role(self, name: str, command: str, *, env: dict[str, str] | None = None) -> processes.Child:
+    def role(
+        self, name: str, command: str, *, env: dict[str, str] | None = None, extra: tuple[str, ...] = ()
+    ) -> processes.Child:
         argv = [LLAMESH, command, "--config", str(self.config_path), "--kubeconfig", str(self.server.kubeconfig_path),
-                "--namespace", self.namespace]  # fmt: skip
+                "--namespace", self.namespace, *extra]  # fmt: skip
         child = processes.start(argv, log_path=self.workdir / f"{name}.log", env=env or {})
         self.children[name] = child
         return child
@@ -124,8 +126,12 @@ async def test_lifecycle_from_kubectl_apply_to_nothing_left(
     real_apiserver: apiserver.ApiServer, tmp_path: Path, llama_server_binary: Path, chat_model: Path
 ) -> None:
     async with cluster(real_apiserver, tmp_path, llama_server_binary, "lifecycle") as c:
-        c.role("operator", "operator")
-        agent = c.role("agent", "agent", env={"NODE_NAME": "node-a", "POD_IP": "127.0.0.1"})
+        operator_health, agent_health = processes.free_port(), processes.free_port()
+        c.role("operator", "operator", extra=("--health-port", str(operator_health)))
+        agent = c.role(
+            "agent", "agent", env={"NODE_NAME": "node-a", "POD_IP": "127.0.0.1"},
+            extra=("--health-port", str(agent_health)),
+        )  # fmt: skip
         gateway = c.role("gateway", "gateway", env={"POD_NAME": "gateway-0"})
         base_url = f"http://{yaml.safe_load(c.config_path.read_text())['listen_addr']}"
         await waiting.eventually(lambda: "serving on" in gateway.log_text(), within_s=90, what="the gateway")
@@ -137,6 +143,9 @@ async def test_lifecycle_from_kubectl_apply_to_nothing_left(
             lambda: c.store.get(resources.LlamaNode, "node-a"), within_s=60, what="the agent's LlamaNode"
         )
         assert node.status.ready and node.spec.address == "127.0.0.1"
+        for port in (operator_health, agent_health):  # the probes the Helm chart points the kubelet at
+            for path in ("/healthz", "/readyz"):
+                await waiting.eventually(lambda p=port, q=path: answers_200(p, q), within_s=30, what=f":{port}{path}")
         await waiting.eventually(lambda: gateway_lists(base_url, "tiny"), within_s=30, what="/v1/models to list tiny")
 
         client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -224,6 +233,14 @@ async def chat_once(base_url: str, model: str = "tiny", *, max_tokens: int = 4) 
         return chunks[0].id
     finally:
         await client.close()
+
+
+async def answers_200(port: int, path: str) -> bool:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
 
 
 async def port_open(host: str, port: int) -> bool:

@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
+class Health:
+    alive: bool
+    ready: bool
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Timings:
     """How often the agent does things; tests shorten them."""
 
@@ -102,6 +109,8 @@ class NodeAgent:
         self._rebuilds = live_binary.Rebuilds(binary, on_change=self._publish_soon.set)
         self._usage = sampling.Sample(sysmem_mb={}, gpu=sampling.GpuSample())
         self._shutting_down = False
+        self._heartbeat_tried_at: float | None = None  # time.monotonic() of the last heartbeat attempt
+        self._heartbeat_ok_at: float | None = None  # ... and of the last one that was written
         self._stopping = False
         self._stopped = asyncio.Event()
 
@@ -302,10 +311,27 @@ class NodeAgent:
         while True:
             await _wait(self._publish_soon, self._timings.heartbeat_interval_s)
             self._publish_soon.clear()
+            self._heartbeat_tried_at = time.monotonic()
             try:
                 await self._publish_node()
+                self._heartbeat_ok_at = time.monotonic()
             except Exception:
                 log.exception("publishing LlamaNode %s failed; retrying", self.node_name)
+
+    def health(self) -> Health:
+        """For probes. Alive: its heartbeat loop still turns (a wedged loop is restarted). Ready: it published
+        its node recently, the llama-server binary is there and it is not shutting down."""
+        now, interval = time.monotonic(), self._timings.heartbeat_interval_s
+        tried = self._heartbeat_tried_at
+        alive = tried is None or now - tried < 3 * interval + 30  # None: still starting
+        fresh = self._heartbeat_ok_at is not None and now - self._heartbeat_ok_at < 3 * interval + 5
+        ready = fresh and live_binary.is_present(self._binary) and not self._shutting_down
+        if not alive:
+            return Health(False, False, f"heartbeat loop stuck for {now - (tried or now):.0f} s")
+        if not ready:
+            why = "shutting down" if self._shutting_down else "no recent LlamaNode write or no llama-server binary"
+            return Health(True, False, why)
+        return Health(True, True, "ok")
 
     async def _publish_node(self) -> None:
         settings, build = self._config, self._binary.status

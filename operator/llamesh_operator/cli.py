@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                 "--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG or ~/.kube/config)"
             )
             sub.add_argument("--namespace", help="namespace of LlamaModels and LlamaInstances (default: the context's)")
+        if name in ("operator", "agent"):
+            sub.add_argument("--health-port", type=int, help="serve GET /healthz and /readyz on this port (probes)")
     return parser
 
 
@@ -152,9 +154,12 @@ def _kubernetes_role(args: argparse.Namespace) -> int:
     logsetup.configure(node_config, config_dir=_config_dir(args))
     where = {"kubeconfig": args.kubeconfig, "namespace": args.namespace}
     if args.command == "operator":
-        return serve.run_main(kopf_operator.operator(node_config, **where))
+        return serve.run_main(kopf_operator.operator(node_config, health_port=args.health_port, **where))
     if args.command == "agent":
-        return serve.run_main(kube_roles.agent(node_config, config_dir=_config_dir(args), **where))
+        config_dir = _config_dir(args)
+        return serve.run_main(
+            kube_roles.agent(node_config, config_dir=config_dir, health_port=args.health_port, **where)
+        )
     return serve.run_main(kube_roles.gateway(node_config, **where))
 
 

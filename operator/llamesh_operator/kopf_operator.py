@@ -30,7 +30,7 @@ import kopf
 import pydantic
 
 from llamesh_api import config, kube_client, kube_events, kube_store, resources, store
-from llamesh_operator import controller, leader, serve
+from llamesh_operator import controller, health, leader, serve
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,12 @@ def spec_problem(body: dict[str, Any]) -> str | None:
 
 
 async def operator(
-    node_config: config.NodeConfig, *, kubeconfig: str | None, namespace: str | None, lease_s: float = 15.0
+    node_config: config.NodeConfig,
+    *,
+    kubeconfig: str | None,
+    namespace: str | None,
+    lease_s: float = 15.0,
+    health_port: int | None = None,
 ) -> None:
     try:
         connection = kube_client.load(kubeconfig=kubeconfig, namespace=namespace)
@@ -124,6 +129,15 @@ async def operator(
     )  # fmt: skip
     signals = serve.Signals()
     stopping = asyncio.ensure_future(signals.first())
+    leading: set[asyncio.Task[None]] = set()  # the leader's tasks; a follower is alive and ready as it is
+
+    def check() -> health.Verdict:
+        stopped = [task.get_name() for task in leading if task.done()]
+        if stopped:
+            return health.Verdict(False, False, f"stopped: {', '.join(stopped)}")
+        return health.Verdict(True, True, "leader" if leading else "follower, waiting for the Lease")
+
+    probes = await health.serve(check, host="0.0.0.0", port=health_port) if health_port else None
     try:
         acquiring = asyncio.ensure_future(election.acquire())
         await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -151,6 +165,7 @@ async def operator(
                 name="kopf",
             ),
         }
+        leading.update(tasks)
         try:
             done, _ = await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
             for task in done & tasks:
@@ -171,5 +186,7 @@ async def operator(
     finally:
         stopping.cancel()
         signals.close()
+        if probes is not None:
+            await probes.cleanup()
         await resource_store.close()
         log.info("llamesh operator stopped", extra={"event": "stopped"})

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from llamesh_agent import build, instance_runner, node_agent
 from llamesh_api import config, kube_client, kube_store
-from llamesh_operator import serve
+from llamesh_operator import health, serve
 from llamesh_proxy import app as gateway_app
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,12 @@ def connect(*, kubeconfig: str | None, namespace: str | None) -> kube_store.Kube
 
 
 async def agent(
-    node_config: config.NodeConfig, *, config_dir: Path, kubeconfig: str | None, namespace: str | None
+    node_config: config.NodeConfig,
+    *,
+    config_dir: Path,
+    kubeconfig: str | None,
+    namespace: str | None,
+    health_port: int | None = None,
 ) -> None:
     node_name = os.environ.get("NODE_NAME") or node_config.node_id
     address = os.environ.get("POD_IP") or "127.0.0.1"
@@ -68,12 +73,22 @@ async def agent(
         timings=timings,
     )
     task = asyncio.create_task(node.run(), name="agent")
+    probes = None
+    if health_port:
+
+        def check() -> health.Verdict:
+            verdict = node.health()
+            return health.Verdict(verdict.alive and not task.done(), verdict.ready, verdict.message)
+
+        probes = await health.serve(check, host="0.0.0.0", port=health_port)
     stop = serve.Signals()
     print(f"llamesh agent: node {node_name} at {address}", file=sys.stderr, flush=True)
     try:
         await asyncio.wait({task, asyncio.ensure_future(stop.first())}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.close()
+        if probes is not None:
+            await probes.cleanup()
         await node.shutdown()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
