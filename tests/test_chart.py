@@ -21,7 +21,8 @@ Covers:
   the NetworkPolicy opens exactly the agent's `llama_cpp_ports` and only to gateway pods;
 - pods: non-root, read-only root filesystem, no capabilities, no privilege escalation, seccomp RuntimeDefault,
   requests and limits, no service-link variables; the downward-API variables each role reads; gateway probes
-  on /version and /readyz at its port, the operator's and agent's on /healthz and /readyz at 8081; GPUs, runtimeClassName and cache volumes from values;
+  on /version and /readyz at its port, the operator's and agent's on /healthz and /readyz at 8081; GPUs,
+  runtimeClassName and cache volumes from values;
 - every rendered object, CRDs included, passes `kubectl apply --dry-run=server` on the real API server
   (defaults and all features; a stand-in ServiceMonitor CRD for the Prometheus operator's);
 - RBAC is sufficient and minimal: with the chart's ServiceAccounts and RBAC applied, SubjectAccessReviews for
