@@ -40,11 +40,14 @@ class Node:
     client: openai.AsyncOpenAI
 
     def llama_servers(self) -> list[psutil.Process]:
-        return [
-            proc
-            for proc in psutil.Process(self.child.pid).children(recursive=True)
-            if "llama-server" in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE
-        ]
+        found = []
+        for proc in psutil.Process(self.child.pid).children(recursive=True):
+            try:  # a child may exit (or be a zombie) between the listing and the look
+                if "llama-server" in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except (psutil.ZombieProcess, psutil.NoSuchProcess):
+                continue
+        return found
 
     def llama_port(self) -> int:
         (server,) = self.llama_servers()

@@ -73,6 +73,7 @@ class PoolView:
     routable: list[str]
     starting: list[str]
     known: list[str]
+    unreachable: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +220,9 @@ class Catalog:
         return PoolView(
             routable=[i.name for i in instances if is_routable(i) and not self._is_unreachable(i)],
             starting=[i.name for i in instances if is_starting(i)],
+            # routed around, it still counts toward max_instances until its agent reports it: a replacement
+            # beyond the limit would only be deleted by the operator (and asked for again, and again)
+            unreachable=sum(1 for i in instances if is_routable(i) and self._is_unreachable(i)),
             known=list(names),
         )
 

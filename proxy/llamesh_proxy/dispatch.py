@@ -127,6 +127,7 @@ class Dispatcher:
             routable=view.routable,
             starting=view.starting,
             known=view.known,
+            unreachable=view.unreachable,
             failed_unready=failed_unready,
             name_factory=functools.partial(self._name_for, target),
         )

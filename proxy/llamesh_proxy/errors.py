@@ -118,7 +118,14 @@ class UpstreamError(GatewayError):
 
 
 class UpstreamUnreachable(UpstreamError):
-    """No answer at all: the connection was refused or dropped before a response began (safe to retry)."""
+    """No answer at all: the connection was refused or dropped before a response began (safe to retry).
+
+    `refused`: nothing listens there (the process is gone); otherwise a connection dropped before the answer
+    began, e.g. a kept-alive one the server had just closed, which says nothing about the instance."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class Unavailable(GatewayError):

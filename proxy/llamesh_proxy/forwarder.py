@@ -124,7 +124,8 @@ class Forwarder:
         except _UPSTREAM_FAILURES as exc:
             relay.upstream_failed = True
             if isinstance(exc, aiohttp.ClientConnectionError | ConnectionError) and not isinstance(exc, TimeoutError):
-                raise errors.UpstreamUnreachable(f"Upstream error: {_describe(exc)}") from None
+                refused = isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError)
+                raise errors.UpstreamUnreachable(f"Upstream error: {_describe(exc)}", refused=refused) from None
             raise errors.UpstreamError(f"Upstream error: {_describe(exc)}") from None
         try:
             relay.status = upstream.status

@@ -122,10 +122,11 @@ async def _forward(
                 request_id=exchange.request_id,
                 relay=relay,
             )
-        except errors.UpstreamUnreachable:
+        except errors.UpstreamUnreachable as exc:
             if attempt == UNREACHABLE_RETRIES:
                 raise
-            gw.dispatcher.unreachable(lease)
+            if exc.refused:  # nothing listens there: route around it until its agent reports it
+                gw.dispatcher.unreachable(lease)
         finally:
             gw.dispatcher.release(lease)
             exchange.status = relay.status

@@ -120,11 +120,12 @@ class _Pool:
     routable: list[str] = dataclasses.field(default_factory=list)  # READY and not draining, catalog order
     starting: set[str] = dataclasses.field(default_factory=set)  # live, not ready yet
     requested: set[str] = dataclasses.field(default_factory=set)  # asked for by us, not seen yet
+    unreachable: int = 0  # READY but routed around (no connection): no slots, yet it counts toward max_instances
     queue: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
 
     @property
     def live(self) -> int:
-        return len(self.routable) + len(self.starting) + len(self.requested)
+        return len(self.routable) + len(self.starting) + len(self.requested) + self.unreachable
 
     def coming_capacity(self) -> float:
         coming = len(self.starting) + len(self.requested)
@@ -215,6 +216,7 @@ class Board:
         known: Collection[str],
         failed_unready: bool,
         name_factory: NameFactory,
+        unreachable: int = 0,
     ) -> Changes:
         """The catalog's view of a pool changed.
 
@@ -226,9 +228,10 @@ class Board:
         pool.policy = policy
         pool.routable = list(routable)
         pool.starting = set(starting)
+        pool.unreachable = unreachable
         pool.requested.difference_update(known)
         changes = self._grant(pool)
-        if pool.queue and pool.live == 0:
+        if pool.queue and not pool.routable and not pool.starting and not pool.requested:
             if failed_unready:
                 changes.extend(self._fail_queue(pool, FailReason.SPAWN_FAILED))
             else:
