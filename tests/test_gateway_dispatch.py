@@ -394,3 +394,20 @@ def test_claim_arithmetic() -> None:
     assert sharing.others_claimed(instance, me="me", now=now) == 1
     assert sharing.others_waiting(instance, me="me", now=now)
     assert not sharing.others_waiting(instance, me="live", now=now)
+
+
+async def test_a_replica_holding_idle_slots_gives_them_to_one_that_waits() -> None:
+    memory = store.MemoryStore()
+    await memory.create(gs.model("m", gs.profile(max_instances=1, max_wait_in_queue_ms=0)))
+    async with two_gateways(memory, slots=2) as (first, second):
+        starter = asyncio.create_task(first.dispatcher.acquire(target(first)))
+        (name,) = await gs.eventually(lambda: gs.instance_names(first))
+        await gs.set_phase(memory, name, resources.Phase.READY, port=18016)
+        held = [await asyncio.wait_for(starter, 10), await first.dispatcher.acquire(target(first))]
+        for lease in held:
+            first.dispatcher.release(lease)
+        assert first.board.allowance(name) == 2  # both slots claimed by the first, now idle
+        await gs.eventually(lambda: second.catalog.pool_view(target(second).pool).routable, what="both see it")
+        lease = await asyncio.wait_for(second.dispatcher.acquire(target(second)), 10)  # not after 60 s
+        assert lease.instance == name and first.board.allowance(name) < 2
+        second.dispatcher.release(lease)

@@ -243,6 +243,20 @@ class SlotClaims:
         return {"claimed": slots, "claimedAt": resources_now().isoformat(), "waiting": waiting}
 
     async def _tend(self) -> None:
+        # whoever still waits asks again (and so keeps its `waiting` fresh: older than the TTL, others ignore
+        # it); whoever holds slots it does not use gives them to a replica that waits
+        wall = resources_now()
+        for pool in self._board.queue_lengths():
+            target = self._catalog.target(pool)
+            if target is not None:
+                self.need(target)
+        for name, claim in list(self._claims.items()):
+            instance = self._catalog.instance(name)
+            keep = surplus_wanted(
+                current=claim.slots, in_flight=self._board.in_flight(name), queued=self._board.queue_length(claim.pool)
+            )
+            if instance is not None and keep < claim.slots and others_waiting(instance, me=self._me, now=wall):
+                self._spawn_write(claim.pool, name, keep)
         now = time.monotonic()
         for name, claim in list(self._claims.items()):
             in_flight = self._board.in_flight(name)
