@@ -167,6 +167,8 @@ async def test_lifecycle_from_kubectl_apply_to_nothing_left(
         await c.kubectl("wait", "--for=condition=Ready", "lm/tiny", "--timeout=30s")
         table = await c.kubectl("get", "lm,li", "-o", "wide")
         assert "tiny" in table and "Ready" in table
+        category = await c.kubectl("get", "llamesh")  # the CRDs' category: models and instances at once
+        assert "llamamodel.llamesh.dev/tiny" in category and f"llamainstance.llamesh.dev/{served.name}" in category
 
         # idle for 3 s → drained → stopped → removed; the llama-server process goes with it
         await waiting.eventually(_none_left(c), within_s=90, what="the idle instance to be removed")
