@@ -115,12 +115,7 @@ async def gateway(node_config: config.NodeConfig, *, kubeconfig: str | None, nam
         log.info("gateway %s serving on http://%s/v1", gateway_id, node_config.listen_addr, extra={"event": "ready"})
         print(f"llamesh gateway: serving on http://{node_config.listen_addr}/v1", file=sys.stderr, flush=True)
         await stop.first()
-        gateway_app.start_draining(app)
-        drained = asyncio.create_task(gateway_app.wait_idle(app, node_config.shutdown_grace_period_seconds))
-        second = asyncio.create_task(stop.second())
-        await asyncio.wait({drained, second}, return_when=asyncio.FIRST_COMPLETED)
-        drained.cancel()
-        second.cancel()
+        await serve.drain(app, stop, grace_s=node_config.shutdown_grace_period_seconds)
     finally:
         stop.close()
         await runner.cleanup()

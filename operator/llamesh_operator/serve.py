@@ -73,14 +73,7 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
         print(f"llamesh: serving on http://{node_config.listen_addr}/v1", file=sys.stderr, flush=True)
 
         await stop.first()
-        grace = node_config.shutdown_grace_period_seconds
-        log.info("draining for up to %s s (send the signal again to exit now)", grace, extra={"event": "draining"})
-        gateway_app.start_draining(app)
-        drained = asyncio.create_task(gateway_app.wait_idle(app, grace))
-        second = asyncio.create_task(stop.second())
-        await asyncio.wait({drained, second}, return_when=asyncio.FIRST_COMPLETED)
-        drained.cancel()
-        second.cancel()
+        await drain(app, stop, grace_s=node_config.shutdown_grace_period_seconds)
     finally:
         stop.close()
         await runner.cleanup()
@@ -89,6 +82,17 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         log.info("llamesh stopped", extra={"event": "stopped"})
+
+
+async def drain(app: web.Application, stop: Signals, *, grace_s: float) -> None:
+    """After the first signal: the gateway drains for up to `grace_s`, or until a second signal."""
+    log.info("draining for up to %s s (send the signal again to exit now)", grace_s, extra={"event": "draining"})
+    gateway_app.start_draining(app)
+    drained = asyncio.create_task(gateway_app.wait_idle(app, grace_s))
+    second = asyncio.create_task(stop.second())
+    await asyncio.wait({drained, second}, return_when=asyncio.FIRST_COMPLETED)
+    drained.cancel()
+    second.cancel()
 
 
 def _progress(message: str) -> None:
