@@ -22,8 +22,6 @@ import socket
 import sys
 from pathlib import Path
 
-from aiohttp import web
-
 from llamesh_agent import build, instance_runner, node_agent
 from llamesh_api import config, kube_client, kube_store
 from llamesh_operator import health, serve
@@ -106,12 +104,7 @@ async def gateway(node_config: config.NodeConfig, *, kubeconfig: str | None, nam
     runner = gateway_app.make_runner(app)
     stop = serve.Signals()
     try:
-        await runner.setup()
-        site = web.TCPSite(runner, node_config.listen_host, node_config.listen_port, reuse_address=True, backlog=1024)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise serve.ServeError(f"cannot listen on {node_config.listen_addr}: {exc.strerror}") from exc
+        await serve.listen(runner, node_config)
         log.info("gateway %s serving on http://%s/v1", gateway_id, node_config.listen_addr, extra={"event": "ready"})
         print(f"llamesh gateway: serving on http://{node_config.listen_addr}/v1", file=sys.stderr, flush=True)
         await stop.first()

@@ -62,13 +62,7 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
     ]
     stop = Signals()
     try:
-        await runner.setup()
-        # A deep backlog: a burst of clients connecting at once must not see dropped SYNs (1 s retries).
-        site = web.TCPSite(runner, node_config.listen_host, node_config.listen_port, reuse_address=True, backlog=1024)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ServeError(f"cannot listen on {node_config.listen_addr}: {exc.strerror}; set listen_addr") from exc
+        await listen(runner, node_config)
         log.info("llamesh serving the OpenAI API on http://%s/v1", node_config.listen_addr, extra={"event": "ready"})
         print(f"llamesh: serving on http://{node_config.listen_addr}/v1", file=sys.stderr, flush=True)
 
@@ -82,6 +76,17 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         log.info("llamesh stopped", extra={"event": "stopped"})
+
+
+async def listen(runner: web.AppRunner, node_config: config.NodeConfig) -> None:
+    """Open the gateway's port (`listen_addr`); a port that cannot be had is a ServeError saying so."""
+    await runner.setup()
+    # A deep backlog: a burst of clients connecting at once must not see dropped SYNs (1 s retries).
+    site = web.TCPSite(runner, node_config.listen_host, node_config.listen_port, reuse_address=True, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {node_config.listen_addr}: {exc.strerror}; set listen_addr") from exc
 
 
 async def drain(app: web.Application, stop: Signals, *, grace_s: float) -> None:
