@@ -1,4 +1,8 @@
-"""No orphaned children: ask Linux to SIGTERM a child process when the agent that started it dies.
+"""No orphaned children: ask Linux to SIGKILL a child process when the agent that started it dies.
+
+SIGKILL, not SIGTERM: an agent that dies cannot follow a graceful stop with a kill after the grace period,
+and llama-server's graceful stop waits for open keep-alive connections (gateways pool them) up to its read
+timeout — minutes of a leaked process holding memory and a port. Nothing is left to drain for a dead agent.
 
 llama-server processes and model downloads are started in their own session (so a Ctrl-C meant for the
 agent does not hit them first), which also means nothing stops them if the agent is killed outright.
@@ -26,4 +30,4 @@ def preexec_fn() -> Callable[[], None] | None:
 
 def _die_with_parent() -> None:
     assert _LIBC is not None
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
