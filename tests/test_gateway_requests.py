@@ -282,12 +282,16 @@ async def test_models_listing_in_the_seed_shape(tmp_path: Path) -> None:
 
         assert await (await h.client.get("/v1/models/chat:fast")).json() == fast
         assert (await (await h.client.get("/v1/models/chat")).json())["id"] == "chat"
-        assert (await (await h.client.get("/v1/models/CHAT:default")).json())["id"] == "chat"
         response = await h.client.get("/v1/models/nope")
         assert (response.status, await response.json()) == (
             404,
             error("Model 'nope' not found in local cookbook or any peer", "model_not_found", "model"),
         )
+        # Exactly the listed ids: the aliases the request path accepts are not ids (the seed's contract)
+        for alias in ("CHAT", "chat:default", "CHAT:default", "Chat:FAST", "chat:fast ", "/chat"):
+            response = await h.client.get(f"/v1/models/{alias}")
+            assert response.status == 404, alias
+            assert (await response.json())["error"]["type"] == "model_not_found"
 
 
 async def test_learned_params_from_another_llama_cpp_build_are_withheld(tmp_path: Path) -> None:

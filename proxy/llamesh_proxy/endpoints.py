@@ -83,10 +83,13 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    """By the listed id (bare name for the default profile, `model:profile` otherwise), case-insensitively."""
+    """Exactly by a listed id: the bare name for the default profile, `model:profile` for any other.
+
+    Unlike the request path's `model` field, no alias is resolved here (no case folding, no `name:default`):
+    the seed's contract is "the model object whose `id` matches", so every id this answers is in /v1/models."""
     gw = _gateway(request)
-    wanted = request.match_info["model"].lstrip("/")
-    target = next((t for t in gw.catalog.targets() if t.display == wanted), None) or gw.catalog.resolve(wanted)
+    wanted = request.match_info["model"]
+    target = next((t for t in gw.catalog.targets() if t.display == wanted), None)
     if target is None:
         raise errors.ModelNotFound(f"Model '{wanted}' not found in local cookbook or any peer", param="model")
     return web.json_response(model_object(gw, target))
