@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TypeVar
 
-import psutil
 import pytest
 from aiohttp import web
 
@@ -75,10 +74,7 @@ def stubborn_binary(folder: Path) -> Path:
 
 def pid_alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie waiting to be reaped does not count)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    return processes.is_alive(pid)
 
 
 def cmdline_of(pid: int) -> list[str]:

@@ -3,7 +3,8 @@
 Covers: learning params and peaks (peaks only grow); the seed's file shape; a round trip through the file;
 params withheld when learned under another llama.cpp version (served when either version is unknown);
 keys of the file this module does not own kept; a malformed `parsed_model_params` dropped alone; an
-unreadable file starting from nothing; atomic writes (no temporary file left, old content replaced whole).
+unreadable file starting from nothing; atomic writes (no temporary file left beside the file and its lock,
+the agent's old keys replaced whole). Sharing the file with the gateway: tests/test_metrics_snapshot.py.
 """
 
 from __future__ import annotations
@@ -118,13 +119,13 @@ def test_writes_are_atomic(tmp_path: Path) -> None:
     learned.write_atomic(path, {"hashes": {"a": {}}})
     learned.write_atomic(path, {"hashes": {}})
     assert json.loads(path.read_text()) == {"hashes": {}}
-    assert [p.name for p in path.parent.iterdir()] == ["node-metrics.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [".node-metrics.json.lock", "node-metrics.json"]
 
 
 def test_a_failed_write_leaves_the_old_file(tmp_path: Path) -> None:
     path = tmp_path / "node-metrics.json"
     learned.write_atomic(path, {"hashes": {"kept": {}}})
     with pytest.raises(TypeError):
-        learned.write_atomic(path, {"hashes": {"bad": object()}})
+        learned.write_atomic(path, {"hashes": {"bad": {"sample_count": object()}}})
     assert json.loads(path.read_text()) == {"hashes": {"kept": {}}}
-    assert [p.name for p in tmp_path.iterdir()] == ["node-metrics.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".node-metrics.json.lock", "node-metrics.json"]

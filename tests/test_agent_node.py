@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,12 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         yield running
 
 
+async def passes(agent: node_agent.NodeAgent, count: int = 3) -> None:
+    """Until the agent has run `count` more reconcile passes: whatever it would do, it has had the chance."""
+    wanted = agent.reconcile_passes + count
+    await eventually(lambda: agent.reconcile_passes >= wanted, what=f"{count} more reconcile passes")
+
+
 def set_in_flight(count: int) -> Callable[[resources.LlamaInstance], None]:
     def mutate(instance: resources.LlamaInstance) -> None:
         instance.status.usage["gateway-1"] = resources.GatewayUsage(in_flight=count, last_request_at=store.utcnow())
@@ -367,7 +374,7 @@ async def test_crash_after_ready_is_failed_with_the_exit_code(
     assert "exited with code 1 after serving" in failed.status.message
     assert "fake crash" in failed.status.message
     await eventually(lambda: harness.agent.runner("crashy") is None, what="the runner to end")
-    await asyncio.sleep(FAST.reconcile_interval_s * 3)
+    await passes(harness.agent)
     assert (await harness.instance("crashy")).status.phase is Phase.FAILED  # and not restarted
 
 
@@ -384,7 +391,11 @@ async def test_drain_waits_for_in_flight_then_stops(harness: Harness) -> None:
     await harness.update("busy", drain("idle"))
     draining = await harness.wait_phase("busy", Phase.DRAINING)
     assert draining.status.message == "draining (idle)"
-    await asyncio.sleep(FAST.drain_settle_s + 1.0)
+    runner = harness.agent.runner("busy")
+    assert runner is not None and runner.drain_noted_at is not None
+    settled_at = runner.drain_noted_at + FAST.drain_settle_s  # the agent's clock: time.monotonic()
+    await eventually(lambda: time.monotonic() > settled_at, what="the drain's settle time to pass")
+    await passes(harness.agent, 2)  # passes past the settle time: with nothing in flight it would have stopped
     assert pid_alive(pid) and (await harness.instance("busy")).status.phase is Phase.DRAINING
     await harness.update("busy", set_in_flight(0))
     stopped = await harness.wait_phase("busy", Phase.STOPPED)
@@ -484,7 +495,7 @@ async def test_instances_of_other_nodes_are_left_alone(harness: Harness) -> None
         spec=resources.InstanceSpec(model="tiny", profile="default", args_hash="x", node_name="node-b"),
     )
     await harness.store.create(other)
-    await asyncio.sleep(FAST.reconcile_interval_s * 4)
+    await passes(harness.agent)
     assert (await harness.instance("elsewhere")).phase is Phase.SCHEDULED
     assert harness.agent.runner("elsewhere") is None
 
@@ -506,7 +517,7 @@ async def test_rebuild_request_runs_the_build_once(harness: Harness) -> None:
     await eventually(_handled(harness, 1), what="the request to be counted")
     node = await harness.node()
     assert not node.status.is_building and node.status.last_build_at is not None
-    await asyncio.sleep(FAST.reconcile_interval_s * 3)
+    await passes(harness.agent)
     assert harness.binary.builds == 1
 
 
@@ -520,7 +531,7 @@ async def test_failed_rebuild_is_shown_counted_and_not_retried(harness: Harness)
     await eventually(_handled(harness, 1), what="the failed request to be counted")
     node = await harness.node()
     assert node.status.last_build_error == "rebuild failed: cmake exploded" and not node.status.is_building
-    await asyncio.sleep(FAST.reconcile_interval_s * 3)
+    await passes(harness.agent)
     assert harness.binary.builds == 1
 
 

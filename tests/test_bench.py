@@ -33,7 +33,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from rig import processes
+from rig import processes, waiting
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 FAKE_UPSTREAM = BENCH / "fake_upstream.py"
@@ -68,14 +68,15 @@ class Targets:
 async def wait_relaying(relay_url: str, child: processes.Child) -> None:
     """Until the relay answers a chat completion (it serves nothing else, not even /health)."""
     async with aiohttp.ClientSession() as session:
-        for _ in range(300):
+
+        async def relays() -> bool:
             assert child.process.poll() is None, child.log_text()
             with contextlib.suppress(aiohttp.ClientConnectionError):
                 async with session.post(f"{relay_url}/v1/chat/completions", data=b"{}") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"{relay_url} never relayed:\n{child.log_text()}")
+                    return response.status == 200
+            return False
+
+        await waiting.eventually(relays, interval_s=0.05, what=f"{relay_url} to relay (log {child.log_path})")
 
 
 @contextlib.asynccontextmanager
@@ -141,14 +142,15 @@ async def test_fake_upstream_loads_then_records_healthy_once(tmp_path: Path) -> 
     healthy_file = tmp_path / "healthy.jsonl"
     env = {"FAKE_UPSTREAM_STARTUP_MS": "1500", "FAKE_UPSTREAM_HEALTHY_FILE": str(healthy_file)}
     async with fake_upstream(tmp_path, wait=False, **env) as (base_url, child), aiohttp.ClientSession() as session:
-        for _ in range(200):  # until the port is bound; it answers 503 while "loading"
+
+        async def first_answer() -> tuple[int, Any] | None:
             with contextlib.suppress(aiohttp.ClientConnectionError):
                 async with session.get(f"{base_url}/health") as response:
-                    loading = (response.status, await response.json())
-                    break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError(child.log_text())
+                    return response.status, await response.json()
+            return None
+
+        # until the port is bound; it answers 503 while "loading"
+        loading = await waiting.eventually(first_answer, interval_s=0.05, what=f"{base_url} to answer")
         before = time.time()
         await processes.wait_healthy(child, base_url, deadline_s=30)
         async with session.get(f"{base_url}/health") as response:

@@ -34,6 +34,7 @@ import pytest
 
 from llamesh_agent import build
 from llamesh_api import config
+from rig import processes, waiting
 
 CMAKE_LISTS = """\
 cmake_minimum_required(VERSION 3.13)
@@ -336,7 +337,7 @@ async def test_keep_builds_removes_old_builds_but_never_the_live_one(tmp_path: P
 async def test_a_second_build_while_one_runs_is_refused(tmp_path: Path, good_source: Path, progress: Recorder) -> None:
     manager = manager_for(tmp_path, local_settings(tmp_path, good_source), progress)
     running = asyncio.create_task(manager.build())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: the build task runs up to its first await (no timing)
     assert manager.status.is_building
 
     with pytest.raises(build.BuildInProgress):
@@ -356,14 +357,13 @@ async def test_a_build_waits_for_another_process_holding_the_lock(
     fcntl.flock(other, fcntl.LOCK_EX)  # a separate open file description conflicts like another process
     manager = manager_for(tmp_path, local_settings(tmp_path, good_source), progress)
     try:
-        waiting = asyncio.create_task(manager.build())
-        await asyncio.sleep(1.0)
-        assert not waiting.done()
-        assert progress.saw("waiting for another process's build")
+        blocked = asyncio.create_task(manager.build())
+        await waiting.eventually(lambda: progress.saw("waiting for another process's build"), what="the build to wait")
+        assert not blocked.done()
         assert not (tmp_path / "cache" / "builds").exists()
     finally:
         os.close(other)
-    result = await waiting
+    result = await blocked
     assert result.swapped
 
 
@@ -371,32 +371,23 @@ async def test_cancelling_a_build_stops_the_build_tool(tmp_path: Path, progress:
     slow_source = write_fake_llama(tmp_path / "src-slow", build_script=SLOW_BUILD_SCRIPT)
     manager = manager_for(tmp_path, local_settings(tmp_path, slow_source), progress)
     running = asyncio.create_task(manager.build())
-    pid_files: list[Path] = []
-    while not pid_files:
-        await asyncio.sleep(0.1)
-        pid_files = list((tmp_path / "cache" / "builds").glob("*/build.pid"))
-    await asyncio.sleep(0.2)  # let the script get to its `sleep`
-    pid = int(pid_files[0].read_text())
-    assert _alive(pid)
+
+    def build_script_pid() -> int | None:
+        written = [f.read_text().strip() for f in (tmp_path / "cache" / "builds").glob("*/build.pid")]
+        return int(written[0]) if written and written[0].isdigit() else None
+
+    pid = await waiting.eventually(build_script_pid, what="the build script to write its pid")
+    # the script got to its `sleep`: cancelling now stops a build tool that has a child of its own
+    await waiting.eventually(lambda: processes.descendants(pid, matching="sleep"), what="the build script's sleep")
+    assert processes.is_alive(pid)
 
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running
 
     assert not manager.status.is_building
-    for _ in range(50):
-        if not _alive(pid):
-            break
-        await asyncio.sleep(0.1)
-    assert not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"  # a zombie waits only for its new parent to reap it
+    # a zombie counts as gone: it waits only for its new parent to reap it
+    await waiting.eventually(lambda: not processes.is_alive(pid), within_s=10, what="the build tool to be stopped")
 
 
 # --- sources ---

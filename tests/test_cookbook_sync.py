@@ -53,15 +53,16 @@ async def test_load_then_hot_reload_in_place_rename_over_and_broken(tmp_path: Pa
 
     watcher = asyncio.create_task(source.watch(debounce_ms=50))
     try:
-        await asyncio.sleep(0.3)  # let the watcher start
-        # in-place write: b removed, a changed
-        path.write_text("models:\n  - name: a\n    profiles: [{id: default, model_path: /a2.gguf}]\n")
+        # in-place write: b removed, a changed. The watcher may not be watching yet when the test first
+        # writes (nothing says when it is), so the edit is saved again until it is seen, as a person would.
+        edited = "models:\n  - name: a\n    profiles: [{id: default, model_path: /a2.gguf}]\n"
 
         async def a_changed() -> bool:
+            path.write_text(edited)
             a = await memory.get(resources.LlamaModel, "a")
             return await names(memory) == {"a"} and a is not None and a.spec.profiles[0].model_path == "/a2.gguf"
 
-        await waiting.eventually(a_changed)
+        await waiting.eventually(a_changed, interval_s=0.2)
 
         # a broken file is refused; the store keeps the last good cookbook
         path.write_text("models:\n  - name: a\n    profiles: [\n")

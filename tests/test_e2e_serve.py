@@ -23,7 +23,6 @@ from pathlib import Path
 
 import aiohttp
 import openai
-import psutil
 import pytest
 import yaml
 
@@ -39,20 +38,15 @@ class Node:
     cookbook: Path
     client: openai.AsyncOpenAI
 
-    def llama_servers(self) -> list[psutil.Process]:
-        found = []
-        for proc in psutil.Process(self.child.pid).children(recursive=True):
-            try:  # a child may exit (or be a zombie) between the listing and the look
-                if "llama-server" in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-            except (psutil.ZombieProcess, psutil.NoSuchProcess):
-                continue
-        return found
+    def llama_servers(self) -> list[processes.Seen]:
+        """The llama-servers running under `llamesh serve` now (one exiting as it is looked at is left out)."""
+        return processes.descendants(self.child.pid, matching="llama-server")
 
     def llama_port(self) -> int:
         (server,) = self.llama_servers()
-        cmdline = server.cmdline()
-        return int(cmdline[cmdline.index("--port") + 1])
+        port = server.flag("--port")
+        assert port is not None, server.argv
+        return int(port)
 
     async def get_json(self, path: str) -> tuple[int, dict]:  # type: ignore[type-arg]
         async with aiohttp.ClientSession() as session, session.get(self.base_url + path) as response:
@@ -276,9 +270,8 @@ async def test_cookbook_edits_never_fail_requests_on_untouched_profiles(
         await waiting.eventually(lambda: listed({"tiny", "tiny:embed", "tiny:rerank", "other"}), within_s=15)
         # broken: refused, everything keeps serving
         node.cookbook.write_text(base + "  - name: [\n")
-        await asyncio.sleep(1.0)
+        await waiting.eventually(lambda: "cookbook not reloaded" in node.child.log_text(), within_s=15)
         assert await listed({"tiny", "tiny:embed", "tiny:rerank", "other"})
-        assert "cookbook not reloaded" in node.child.log_text()
         # rename-over: the embed profile removed
         replacement = tmp_path / "cookbook.yaml.new"
         replacement.write_text(base.replace("      - id: embed", "      - id: embed\n        enabled: false") + extra)
@@ -302,7 +295,7 @@ async def test_sigterm_drains_and_stops_every_child(
         os.kill(node.child.pid, signal.SIGTERM)
         exit_code = await processes.wait_exited(node.child, deadline_s=30)
         assert exit_code == 0, node.child.log_text()[-3000:]
-        assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+        assert not server.is_alive()
 
 
 async def test_queue_limits_and_disconnects_while_queued_or_before_headers(
@@ -310,7 +303,11 @@ async def test_queue_limits_and_disconnects_while_queued_or_before_headers(
 ) -> None:
     """One slot, a queue of one: a third request is 503 queue_full; clients that leave while queued or
     before the response headers leave nothing in flight and llama-server's slot free."""
-    cookbook = cookbook_text(chat_model, embedding_model, reranker_model).replace('"-c 1024 -np 1"', '"-c 8192 -np 1"')
+    # One thread: llama.cpp's threads spin-wait for each other, and on a busy 2-core machine two of them
+    # crawl (under 5 tokens/s seen), while the test waits for generations to end.
+    cookbook = cookbook_text(chat_model, embedding_model, reranker_model).replace(
+        '"-c 1024 -np 1"', '"-c 8192 -np 1 -t 1"'
+    )
     defaults = {"max_concurrent_requests_per_instance": 1, "max_instances_per_model": 1, "max_queue_size_per_model": 1}
     async with serving(tmp_path, llama_server_binary, cookbook, model_defaults=defaults) as node:
         await node.client.chat.completions.create(
@@ -336,7 +333,7 @@ async def test_queue_limits_and_disconnects_while_queued_or_before_headers(
                 async with session.get(node.base_url + "/metrics/json") as metrics:
                     return bool((await metrics.json())["queue_length"])
 
-            await waiting.eventually(queue_used, within_s=10)
+            await waiting.eventually(queue_used, within_s=30)
             status, headers, error = await post()  # the queue is full
             assert status == 503, (status, error)
             assert (headers["Retry-After"], error["error"]["type"]) == ("5", "queue_full")
@@ -373,7 +370,9 @@ async def test_queue_limits_and_disconnects_while_queued_or_before_headers(
 
 
 async def post_long(session: aiohttp.ClientSession, base_url: str) -> int:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2000}
+    # Long enough to be cancelled while generating, short enough that llama-server, which may finish it
+    # before it notices the closed connection, is idle again soon on a loaded machine (~100 tokens/s there).
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 500}
     async with session.post(base_url + "/v1/chat/completions", json=body) as response:
         return response.status
 
@@ -399,4 +398,4 @@ async def test_a_full_node_stops_an_idle_model_to_serve_another(
         embedding = await node.client.embeddings.create(model="tiny:embed", input=["hello"])
         assert len(embedding.data[0].embedding) == 64
         (second,) = node.llama_servers()
-        assert second.pid != first.pid and "--embedding" in second.cmdline()
+        assert second.pid != first.pid and "--embedding" in second.argv

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import logging
 import re
 from collections.abc import AsyncIterator
 
@@ -22,6 +23,7 @@ import pytest
 import gateway_support as gs
 from llamesh_api import resources, store, writes
 from llamesh_proxy import catalog, dispatch, errors, following, gateway, sharing
+from rig import waiting
 
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -74,8 +76,8 @@ async def test_no_instance_asks_for_one_and_the_request_is_served_once_it_is_rea
         assert name.startswith("m-default-") and DNS_1123.match(name)
 
         await gs.set_phase(gw.store, name, resources.Phase.STARTING, port=18001)
-        await asyncio.sleep(0.05)
-        assert not waiting.done()
+        await gs.eventually(lambda: gw.catalog.instance(name).phase is resources.Phase.STARTING)  # type: ignore[union-attr]
+        assert not waiting.done()  # the gateway saw it starting, and still waits
         await gs.set_phase(gw.store, name, resources.Phase.READY, port=18001)
         lease = await asyncio.wait_for(waiting, 10)
         assert (lease.instance, lease.url) == (name, "http://127.0.0.1:18001")
@@ -105,8 +107,8 @@ async def test_the_request_that_starts_an_instance_waits_for_it_past_the_queue_l
     async with running(gs.model("m", gs.profile(max_instances=1, max_wait_in_queue_ms=150))) as gw:
         starter = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
         (name,) = await gs.eventually(lambda: gs.instance_names(gw))
-        await asyncio.sleep(0.5)  # the cold start takes longer than the queue limit (what is tested: time)
-        assert not starter.done()
+        # the cold start takes longer than the queue limit: what is tested is time, so it is waited out
+        await waiting.stays_true_for(lambda: not starter.done(), seconds=0.5, what="the starter to keep waiting")
         await gs.set_phase(gw.store, name, resources.Phase.READY, port=18009)
         lease = await asyncio.wait_for(starter, 10)
         assert lease.instance == name and lease.queued_ms >= 500
@@ -284,14 +286,20 @@ async def two_gateways(
                 await gw.sharing.close()
 
 
-async def test_replicas_racing_on_a_cold_model_create_one_instance() -> None:
+async def test_replicas_racing_on_a_cold_model_create_one_instance(caplog: pytest.LogCaptureFixture) -> None:
     memory = store.MemoryStore()
     await memory.create(gs.model("m", gs.profile(max_instances=3)))
+    caplog.set_level(logging.INFO, logger=dispatch.__name__)
     async with two_gateways(memory) as (first, second):
         # both ask before either can see the other's instance: the same cold name makes one of them
         asks = [asyncio.create_task(gw.dispatcher.acquire(target(gw))) for gw in (first, second)]
         await gs.eventually(lambda: gs.instance_names(first) and gs.instance_names(second))
-        await asyncio.sleep(0.2)  # give a (wrong) second create time to land
+
+        def shared() -> bool:  # the `instance_shared` log event (in the record's `event` field or its text)
+            return any("instance_shared" in f"{getattr(r, 'event', '')} {r.getMessage()}" for r in caplog.records)
+
+        # the loser's create has come back (AlreadyExists) and it chose to wait for the winner's instance
+        await gs.eventually(shared, what="the second create to be answered")
         listed = (await memory.list(resources.LlamaInstance)).items
         assert len(listed) == 1, [i.name for i in listed]
         (only,) = listed
@@ -359,7 +367,7 @@ async def test_replicas_never_put_more_than_the_slot_limit_on_an_instance_togeth
             lease = await gw.dispatcher.acquire(target(gw))
             together = first.board.in_flight(name) + second.board.in_flight(name)
             most = max(most, together)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # holds the slot a moment, so the requests overlap (pacing, not waiting)
             served[gw.gateway_id] += 1
             gw.dispatcher.release(lease)
 

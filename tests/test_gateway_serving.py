@@ -1,15 +1,15 @@
 """The gateway serving real traffic: the aiohttp app, a MemoryStore, and fake llama-server children.
 
-An agent stand-in (`gateway_support.AgentSimulator`) starts a fault-injecting fake llama-server for every
-instance the gateway asks for. Covers: the unmodified OpenAI SDK through the gateway (chat streamed and
-not, completions, embeddings, models), rerank aliases; scale from zero; two requests on a one-slot profile
-served one after the other; a full queue (503 queue_full, Retry-After 5); a queue wait past its limit
-(503 queue_timeout); a client that disconnects while queued, before the response headers, or mid-stream
-(in-flight back to 0 in the gateway and in the fake's /slots); an upstream that crashes mid-stream (the
-client sees a truncated stream) or before answering (502 upstream_error); a spawn that fails (503
-spawn_failures_exhausted, Retry-After 30); max_request_duration_ms; an unreachable READY instance routed
-around; the graceful drain (waiters 503
-draining, in-flight requests finish, wait_idle); usage published to the store.
+The real operator loop binds every instance the gateway asks for and the real node agent starts a
+fault-injecting fake llama-server for it (`gateway_support.running_node`). Covers: the unmodified OpenAI
+SDK through the gateway (chat streamed and not, completions, embeddings, models), rerank aliases; scale
+from zero; two requests on a one-slot profile served one after the other; a full queue (503 queue_full,
+Retry-After 5); a queue wait past its limit (503 queue_timeout); a client that disconnects while queued,
+before the response headers, or mid-stream (in-flight back to 0 in the gateway and in the fake's /slots);
+an upstream that crashes mid-stream (an SSE error event, then a truncated stream) or before answering (502
+upstream_error); a spawn that fails (503 spawn_failures_exhausted, Retry-After 30, the instance Failed by
+its agent); max_request_duration_ms; an unreachable READY instance routed around; the graceful drain
+(waiters 503 draining, in-flight requests finish, wait_idle); usage published to the store.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ async def settled(harness: gs.Harness, instance: str | None = None) -> None:
 
 
 async def _idle(harness: gs.Harness, instance: str) -> bool:
-    return await harness.agent.slots_busy(instance) == 0
+    return await harness.slots_busy(instance) == 0
 
 
 # --- the OpenAI SDK ---------------------------------------------------------------------------
@@ -130,7 +130,9 @@ async def test_openai_sdk_through_the_gateway(tmp_path: Path) -> None:
         }
 
         async with aiohttp.ClientSession() as session:
-            for path in ("/v1/rerank", "/rerank"):  # the fake lacks llama-server's /v1/reranking alias
+            # The fake registers /v1/rerank and /rerank only (as older llama-server builds): /v1/reranking
+            # reaches it through the forwarder's fallback.
+            for path in ("/v1/rerank", "/rerank", "/v1/reranking"):
                 body = {"model": "rank", "query": "q", "documents": ["x", "y", "z"], "stream": True}
                 async with session.post(h.base_url + path, json=body, headers={"X-Request-Id": "rr"}) as response:
                     assert response.status == 200, path
@@ -140,10 +142,23 @@ async def test_openai_sdk_through_the_gateway(tmp_path: Path) -> None:
         assert sorted(i.spec.model for i in h.instances()) == ["emb", "m", "rank"]  # one instance each
         assert cold_start_s < 30
         snapshot = h.gw.metrics.snapshot(h.gw.live())
-        assert snapshot["errors_total"] == 0 and snapshot["requests_total"] == 6
+        assert snapshot["errors_total"] == 0 and snapshot["requests_total"] == 7
         m_stats = h.gw.metrics.hashes[h.gw.catalog.resolve("m").args_hash]  # type: ignore[union-attr]
         assert m_stats.tokens == 8 + 8 + 3 and m_stats.requests == 3
         await settled(h)
+
+
+async def test_rerank_reaches_a_build_that_registers_one_spelling_only(tmp_path: Path) -> None:
+    """Whichever of the four spellings a client uses, the gateway finds the one the upstream build has."""
+    models = [gs.model("rank", gs.profile("default", "--reranking"))]
+    only = {"default": {"FAKE_LLAMA_RERANK_PATHS": "/reranking"}}
+    async with gs.running_gateway(tmp_path, models=models, env=only) as h, aiohttp.ClientSession() as session:
+        for path in ("/v1/rerank", "/rerank", "/v1/reranking", "/v1/rerank"):  # the seed's three aliases
+            body = {"model": "rank", "query": "q", "documents": ["x", "y"]}
+            async with session.post(h.base_url + path, json=body) as response:
+                assert response.status == 200, path
+                assert len((await response.json())["results"]) == 2
+        assert h.gw.metrics.snapshot(h.gw.live())["errors_total"] == 0
 
 
 async def test_stream_relay_headers_and_request_id(tmp_path: Path) -> None:
@@ -268,7 +283,7 @@ async def test_a_client_that_leaves_mid_stream_frees_both_slots(tmp_path: Path) 
             first = await response.content.readline()
             assert first.startswith(b"data: ")
             name = h.instances()[0].name
-            assert await h.agent.slots_busy(name) == 1
+            assert await h.slots_busy(name) == 1
         # leaving the block closed the connection mid-stream
         await settled(h, name)
         log = h.gw.metrics.hashes[h.gw.catalog.resolve("m").args_hash]  # type: ignore[union-attr]
@@ -276,13 +291,13 @@ async def test_a_client_that_leaves_mid_stream_frees_both_slots(tmp_path: Path) 
 
 
 async def _busy(harness: gs.Harness, instance: str) -> bool:
-    return await harness.agent.slots_busy(instance) > 0
+    return await harness.slots_busy(instance) > 0
 
 
 # --- upstream failures ------------------------------------------------------------------------
 
 
-async def test_an_upstream_crash_mid_stream_truncates_the_stream(tmp_path: Path) -> None:
+async def test_an_upstream_crash_mid_stream_ends_with_an_error_event_and_truncates(tmp_path: Path) -> None:
     env = {"default": {"FAKE_LLAMA_FAULT": "crash_mid_stream", "FAKE_LLAMA_CRASH_AFTER": "3"}}
     async with serving(tmp_path, env=env) as h, aiohttp.ClientSession() as session:
         body = {"model": "m", "messages": HI, "stream": True}
@@ -292,15 +307,16 @@ async def test_an_upstream_crash_mid_stream_truncates_the_stream(tmp_path: Path)
             with pytest.raises(aiohttp.ClientPayloadError):  # no final chunk: the client can tell
                 async for chunk in response.content.iter_any():
                     received += chunk
-        assert received.count(b"data: ") == 3 and b"[DONE]" not in received
+        *events, error_event = received.split(b"\n\n")[:-1]
+        assert len(events) == 3 and b"[DONE]" not in received
+        assert json.loads(error_event.removeprefix(b"data: "))["error"]["type"] == "upstream_error"
         await settled(h)
         assert h.gw.metrics.errors_total == 1
 
 
 async def test_an_upstream_crash_before_answering_is_502(tmp_path: Path) -> None:
     env = {"default": {"FAKE_LLAMA_FAULT": "crash_mid_stream"}}
-    # room for replacements: a crashed instance still counts until its agent reports it (this rig's agent
-    # never does), and every replacement crashes too; after its retries the client gets the 502
+    # room for replacements: every replacement crashes too; after its retries the client gets the 502
     async with serving(tmp_path, gs.profile(max_instances=4), env=env) as h:
         status, _, body = await chat(h)
         assert status == 502
@@ -374,41 +390,37 @@ async def test_make_runner_cancels_the_handler_of_a_client_that_leaves(tmp_path:
     """The runner the CLI uses: a queued client that goes away leaves the queue at once."""
     memory = store.MemoryStore()
     await memory.create(gs.model("m", gs.profile(max_instances=1)))
-    agent = gs.AgentSimulator(memory, log_dir=tmp_path / "children", env={"default": SLOW})
-    await agent.register_node()
-    agent_task = asyncio.create_task(agent.run())
-    app = gateway_app.create_app(
-        gs.node_config(**ONE_AT_A_TIME), store=memory, gateway_id=gs.GATEWAY_ID, node_name=gs.NODE
-    )
-    runner = gateway_app.make_runner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    gw = app[gateway_app.GATEWAY]
-    url = f"http://{host}:{port}/v1/chat/completions"
+    settings = gs.node_config(**ONE_AT_A_TIME)
+    async with gs.running_node(memory, tmp_path, settings=settings, env={"default": SLOW}):
+        app = gateway_app.create_app(settings, store=memory, gateway_id=gs.GATEWAY_ID, node_name=gs.NODE)
+        runner = gateway_app.make_runner(app)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            gw = app[gateway_app.GATEWAY]
+            url = f"http://{host}:{port}/v1/chat/completions"
 
-    async def ask() -> int:
-        async with aiohttp.ClientSession() as session, session.post(url, json={"model": "m", "messages": HI}) as r:
-            await r.read()
-            return r.status
+            async def ask() -> int:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(url, json={"model": "m", "messages": HI}) as r,
+                ):
+                    await r.read()
+                    return r.status
 
-    try:
-        served = asyncio.create_task(ask())
-        await gs.eventually(lambda: gw.board.in_flight_by_instance())
-        leaving = asyncio.create_task(ask())
-        await gs.eventually(lambda: gw.board.queue_length() == 1)
-        leaving.cancel()
-        await gs.eventually(lambda: gw.board.queue_length() == 0, within_s=5)
-        assert await served == 200
-        gateway_app.start_draining(app)
-        assert await gateway_app.wait_idle(app, 10)
-    finally:
-        await runner.cleanup()
-        agent_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await agent_task
-        await agent.close()
+            served = asyncio.create_task(ask())
+            await gs.eventually(lambda: gw.board.in_flight_by_instance())
+            leaving = asyncio.create_task(ask())
+            await gs.eventually(lambda: gw.board.queue_length() == 1)
+            leaving.cancel()
+            await gs.eventually(lambda: gw.board.queue_length() == 0, within_s=5)
+            assert await served == 200
+            gateway_app.start_draining(app)
+            assert await gateway_app.wait_idle(app, 10)
+        finally:
+            await runner.cleanup()
 
 
 async def test_an_unreachable_ready_instance_is_routed_around(tmp_path: Path) -> None:

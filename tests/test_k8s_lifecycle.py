@@ -22,7 +22,6 @@ from pathlib import Path
 
 import aiohttp
 import openai
-import psutil
 import pytest
 import yaml
 
@@ -69,14 +68,8 @@ class Cluster:
         return (await self.store.list(resources.LlamaInstance)).items
 
 
-def agent_llama_servers(agent: processes.Child) -> list[psutil.Process]:
-    found = []
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for proc in psutil.Process(agent.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if "llama-server" in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-    return found
+def agent_llama_servers(agent: processes.Child) -> list[processes.Seen]:
+    return processes.descendants(agent.pid, matching="llama-server")
 
 
 @contextlib.asynccontextmanager
@@ -264,19 +257,13 @@ async def busiest_slots(llama_url: str, load: Awaitable[object]) -> int:
             async with session.get(llama_url + "/slots") as response:
                 slots = await response.json()
             most = max(most, sum(1 for slot in slots if slot.get("is_processing")))
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # sampling pace while the load runs, not a wait
     await running
     return most
 
 
-def all_exited(found: list[psutil.Process]) -> bool:
-    def gone(proc: psutil.Process) -> bool:
-        try:
-            return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    return all(gone(proc) for proc in found)
+def all_exited(found: list[processes.Seen]) -> bool:
+    return not any(seen.is_alive() for seen in found)
 
 
 def kill(child: processes.Child) -> None:

@@ -1,14 +1,34 @@
 """Process logging: one JSON object per line with the seed's minimum fields, `extra` fields kept as keys,
-tracebacks rendered; the batch writer hands every queued record to the handlers and drains on stop."""
+tracebacks rendered; the batch writer hands every queued record to the handlers and drains on stop.
+
+Also: through `configure`, every line (ours, aiohttp's, kopf's, a Python warning) is one flat JSON object
+with a real `event`, the same on stderr and in the file; lines logged during a gateway request carry its
+request_id and session_id, and only while it runs; the file rotates daily through the real handler, gzips
+rotated files, keeps `max_keep_files` of them counting compressed and plain ones (0 keeps all), and the
+rotation and compression run on the writer thread.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import datetime
+import gzip
 import json
 import logging
 import queue
 import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
+import kopf
+import pytest
+
+from llamesh_api import config
 from llamesh_operator import logsetup
+from llamesh_proxy import requestlog
 
 
 class ListHandler(logging.Handler):
@@ -63,3 +83,186 @@ def test_batch_writer_writes_everything_and_drains_on_stop() -> None:
         records.put(record(f"m{index}"))
     writer.stop()
     assert [json.loads(line)["message"] for line in sink.lines] == [f"m{index}" for index in range(5)]
+
+
+# --- every line a flat JSON object, with a real event ------------------------------------------------
+
+
+@pytest.fixture
+def process_logging() -> Iterator[None]:
+    """`configure` changes the root logger and the warnings hook: put them back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    quiet = {name: logging.getLogger(name).level for name in ("aiohttp.access", "watchfiles")}
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        for name, was in quiet.items():
+            logging.getLogger(name).setLevel(was)
+
+
+def log_every_kind() -> None:
+    """One line of each kind `configure` must turn into a flat JSON object."""
+    logging.getLogger("llamesh_agent.instance_runner").info(
+        "spawned", extra={"event": "instance_spawn", "instance_id": "tiny-1", "port": 4242}
+    )
+    try:
+        raise OSError("connection reset")
+    except OSError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")  # third party: no event of ours
+    # kopf's object logger passes its settings object and a posting flag along: they are no fields of a line
+    # (a real settings object: when kopf is loaded, its own handler on this logger reads it)
+    logging.getLogger("kopf.objects").info(
+        "Handler succeeded.",
+        extra={"settings": kopf.OperatorSettings(), "k8s_skip": True, "k8s_ref": {"name": "tiny-1"}},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("an old API", DeprecationWarning, stacklevel=1)
+
+    def during_a_request() -> None:
+        exchange = requestlog.Exchange(request_id="r-5", session_id=None, path="/v1/chat/completions")
+        logging.getLogger("llamesh_proxy.queueing").info("queued", extra={"event": "queue_enqueue"})
+        requestlog.emit(exchange, duration_ms=1.0)
+        logging.getLogger("llamesh_proxy.dispatch").info("after the request", extra={"event": "after"})
+
+    contextvars.Context().run(during_a_request)
+
+
+def test_every_line_is_one_json_object_with_a_real_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], process_logging: None
+) -> None:
+    node_config = config.NodeConfig(
+        node_id="n7", logging=config.LoggingConfig(enabled=True, directory="logs", filename="proxy.log")
+    )
+    stop = logsetup.configure(node_config, config_dir=tmp_path)
+    try:
+        log_every_kind()
+    finally:
+        stop()
+
+    file_lines = (tmp_path / "logs" / "proxy.log").read_text().splitlines()
+    assert capsys.readouterr().err.splitlines() == file_lines  # the same lines on stderr and in the file
+    entries = [json.loads(line) for line in file_lines]
+    assert all(isinstance(entry, dict) and entry["node_id"] == "n7" for entry in entries)
+    by_event = {entry["event"]: entry for entry in entries}
+    assert set(by_event) == {
+        "instance_spawn",
+        "aiohttp.server",
+        "kopf.objects",
+        "py.warnings",
+        "queue_enqueue",
+        "request_complete",
+        "after",
+    }
+    assert (by_event["instance_spawn"]["instance_id"], by_event["instance_spawn"]["port"]) == ("tiny-1", 4242)
+    assert "OSError: connection reset" in by_event["aiohttp.server"]["exception"]
+    assert by_event["kopf.objects"]["k8s_ref"] == {"name": "tiny-1"}
+    assert not {"settings", "k8s_skip"} & set(by_event["kopf.objects"])
+    assert "an old API" in by_event["py.warnings"]["message"]
+    enqueue, request = by_event["queue_enqueue"], by_event["request_complete"]
+    assert enqueue["request_id"] == request["request_id"] == "r-5"
+    assert enqueue["session_id"] == request["session_id"] and len(request["session_id"]) == 36  # one made-up id
+    assert "request_id" not in by_event["after"] and "session_id" not in by_event["after"]
+
+
+def test_a_record_that_names_no_request_keeps_none_and_the_line_leaves_it_out() -> None:
+    def granted_elsewhere() -> logging.LogRecord:
+        requestlog.Exchange(request_id="r-1", session_id="s-1", path="/v1/completions")
+        made = record("ticket 3 granted", event="queue_dequeue", request_id=None)
+        requestlog.RequestContext().filter(made)
+        return made
+
+    line = json.loads(logsetup.JsonFormatter(node_id="n").format(contextvars.Context().run(granted_elsewhere)))
+    assert line["event"] == "queue_dequeue" and "request_id" not in line and "session_id" not in line
+
+
+# --- the file: daily rotation, gzip, retention -------------------------------------------------------
+
+
+def day(text: str) -> int:
+    return int(datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.UTC).timestamp())
+
+
+def roll(handler: logsetup.DailyFileHandler, *, for_day: str) -> None:
+    """Rotate now, as the handler does at the midnight that ends `for_day` (UTC)."""
+    handler.rolloverAt = day(for_day) + 24 * 3600
+    handler.doRollover()
+
+
+def test_rollover_gzips_and_keeps_max_keep_files_counting_compressed_ones(tmp_path: Path) -> None:
+    settings = config.LoggingConfig(enabled=True, directory="logs", filename="proxy.log", max_keep_files=3)
+    handler = logsetup.file_handler(settings, config_dir=tmp_path)
+    handler.setFormatter(logsetup.JsonFormatter(node_id="n"))
+    folder = tmp_path / "logs"
+    (folder / "proxy.log.2020-12-30").write_text("from before compression was on\n")  # counts too
+    (folder / "other.log.2020-12-29").write_text("not ours\n")
+    for index, date in enumerate(["2021-01-01", "2021-01-02", "2021-01-03"]):
+        handler.handle(record(f"line of {date}", event="e", index=index))
+        roll(handler, for_day=date)
+    handler.handle(record("today", event="e"))
+    handler.close()
+
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "other.log.2020-12-29",
+        "proxy.log",
+        "proxy.log.2021-01-01.gz",
+        "proxy.log.2021-01-02.gz",
+        "proxy.log.2021-01-03.gz",
+    ]
+    for date in ["2021-01-01", "2021-01-02", "2021-01-03"]:
+        with gzip.open(folder / f"proxy.log.{date}.gz", "rt") as rotated:
+            (line,) = [json.loads(text) for text in rotated.read().splitlines()]
+        assert line["message"] == f"line of {date}" and line["event"] == "e"
+    assert json.loads((folder / "proxy.log").read_text())["message"] == "today"
+
+
+def test_zero_keeps_every_rotated_file_and_no_compression_keeps_them_plain(tmp_path: Path) -> None:
+    settings = config.LoggingConfig(
+        enabled=True, directory=str(tmp_path), filename="p.log", max_keep_files=0, compression=False
+    )
+    handler = logsetup.file_handler(settings, config_dir=tmp_path / "elsewhere")
+    handler.setFormatter(logsetup.JsonFormatter(node_id="n"))
+    for date in ["2021-02-01", "2021-02-02", "2021-02-03"]:
+        handler.handle(record(date))
+        roll(handler, for_day=date)
+    handler.close()
+    rotated = sorted(path.name for path in tmp_path.glob("p.log.*"))
+    assert rotated == ["p.log.2021-02-01", "p.log.2021-02-02", "p.log.2021-02-03"]
+    assert json.loads((tmp_path / "p.log.2021-02-02").read_text())["message"] == "2021-02-02"
+
+
+def test_rotation_and_compression_happen_on_the_writer_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
+    real_rotate = logsetup._gzip_rotate
+
+    def rotate(source: str, dest: str) -> None:
+        threads.append(threading.current_thread().name)
+        real_rotate(source, dest)
+
+    monkeypatch.setattr(logsetup, "_gzip_rotate", rotate)
+    settings = config.LoggingConfig(enabled=True, directory=".", filename="w.log")
+    handler = logsetup.file_handler(settings, config_dir=tmp_path)
+    handler.setFormatter(logsetup.JsonFormatter(node_id="n"))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    writer = logsetup._BatchWriter(records, [handler], interval=60)  # only the stop drains
+    writer.start()
+    records.put(record("before midnight"))
+    writer.stop()  # writes the first line, and closes the file
+    handler.rolloverAt = int(time.time()) - 1  # midnight has passed: the next record rotates first
+    writer = logsetup._BatchWriter(records, [handler], interval=60)
+    writer.start()
+    records.put(record("after midnight"))
+    writer.stop()
+
+    assert threads == ["llamesh-log-writer"] and threading.current_thread().name != "llamesh-log-writer"
+    (rotated,) = tmp_path.glob("w.log.*.gz")
+    with gzip.open(rotated, "rt") as packed:
+        assert json.loads(packed.read())["message"] == "before midnight"
+    assert json.loads((tmp_path / "w.log").read_text())["message"] == "after midnight"

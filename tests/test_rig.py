@@ -28,7 +28,7 @@ import aiohttp
 import openai
 import pytest
 
-from rig import processes, tiny_models
+from rig import processes, tiny_models, waiting
 
 HOST = "127.0.0.1"
 Json = dict[str, Any]
@@ -53,13 +53,15 @@ async def fake_llama(
 async def wait_listening(base_url: str, child: processes.Child) -> None:
     """Until the port answers at all (any status): for faults where /health never says 200."""
     async with aiohttp.ClientSession() as session:
-        for _ in range(200):
+
+        async def answers() -> bool:
             assert child.process.poll() is None, child.log_text()
             with contextlib.suppress(aiohttp.ClientConnectionError):
                 async with session.get(f"{base_url}/props"):
-                    return
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"{base_url} never answered:\n{child.log_text()}")
+                    return True
+            return False
+
+        await waiting.eventually(answers, interval_s=0.05, what=f"{base_url} to answer (log {child.log_path})")
 
 
 async def read_events(response: aiohttp.ClientResponse) -> list[str]:
@@ -185,16 +187,12 @@ async def test_fake_stall_body_sends_one_chunk_then_nothing_and_frees_the_slot(t
             async with session.get(f"{base_url}/slots") as slots:
                 assert (await slots.json())[0]["is_processing"] is True
             response.close()  # the client goes away mid-stream
-        assert await slot_frees(session, base_url), "the slot stayed busy after the client disconnected"
+        await waiting.eventually(lambda: slot_free(session, base_url), what="the slot to be freed after the disconnect")
 
 
-async def slot_frees(session: aiohttp.ClientSession, base_url: str) -> bool:
-    for _ in range(100):
-        async with session.get(f"{base_url}/slots") as response:
-            if not (await response.json())[0]["is_processing"]:
-                return True
-        await asyncio.sleep(0.05)
-    return False
+async def slot_free(session: aiohttp.ClientSession, base_url: str) -> bool:
+    async with session.get(f"{base_url}/slots") as response:
+        return not (await response.json())[0]["is_processing"]
 
 
 async def test_fake_stall_body_non_streaming_sends_half_a_body(tmp_path: Path) -> None:

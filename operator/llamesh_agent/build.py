@@ -16,6 +16,11 @@ Layout under `cache_dir`:
     ccache/                             the compiler cache shared by all build folders
     build.lock                          held while a build runs, so two processes never build at once
 
+Each attempt logs the seed's `llama_build_start` (branch, commit) when it compiles, then
+`llama_build_success` (commit, binary_path; `reused` when no compiler ran) or `llama_build_failure`
+(error); step-by-step progress goes to the `progress` callback. Rebuilds run while the gateway serves on the
+same event loop, so every file lookup (markers, symlinks, sdists, source folders) runs in a worker thread.
+
 It deliberately does not schedule update checks, retry failed builds, or drain running instances after a
 swap: the caller does, using `BuildResult.swapped` and `BuildManager.status`.
 """
@@ -30,6 +35,7 @@ import datetime
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -42,6 +48,7 @@ from typing import Protocol, TypedDict
 
 from llamesh_api import config
 
+log = logging.getLogger(__name__)
 MARKER_NAME = ".llamesh-build.json"
 CONFIGURE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -217,11 +224,28 @@ class BuildManager:
             self._status.is_building = False
         self._finish(error=None)
         self._status.llama_cpp_version = result.llama_cpp_version
+        log.info(
+            "llama-server %s: %s (llama.cpp %s)",
+            "reused" if result.reused else "built",
+            result.binary_path,
+            result.llama_cpp_version,
+            extra={
+                "event": "llama_build_success",
+                "commit": result.llama_cpp_version.rpartition("-")[2],  # "<build number>-<commit>"
+                "binary_path": str(result.binary_path),
+                "build_dir": str(result.build_dir),
+                "llama_cpp_version": result.llama_cpp_version,
+                "reused": result.reused,
+                "swapped": result.swapped,
+            },
+        )
         return result
 
     def _finish(self, *, error: str | None) -> None:
         self._status.last_build_error = error
         self._status.last_build_at = datetime.datetime.now(datetime.UTC)
+        if error is not None:
+            log.error("llama.cpp build failed: %s", error, extra={"event": "llama_build_failure", "error": error})
 
     async def _build_locked(self, *, force: bool) -> BuildResult:
         source = await self._prepare_source()
@@ -232,7 +256,7 @@ class BuildManager:
         binary, marker = build_dir / "bin" / "llama-server", build_dir / MARKER_NAME
 
         version = None
-        if marker.is_file() and binary.is_file() and not force:
+        if not force and await asyncio.to_thread(_is_complete, marker, binary):
             try:
                 version = await self._smoke_test(binary)
                 self._say(f"reusing the complete build {build_dir}")
@@ -240,20 +264,26 @@ class BuildManager:
                 self._say(f"the cached build fails its smoke test now, so it is rebuilt: {exc}")
         reused = version is not None
         if version is None:
-            marker.unlink(missing_ok=True)
+            await asyncio.to_thread(marker.unlink, missing_ok=True)
+            log.info(
+                "building llama-server from %s (%s)",
+                source.path,
+                source.revision,
+                extra={"event": "llama_build_start", "branch": self._branch(), "commit": source.revision},
+            )
             self._say(f"configuring in {build_dir}")
             await self._run(["cmake", "-S", str(source.path), "-B", str(build_dir), *configure_args], what="cmake")
             self._say(f"building llama-server from {source.path} ({source.revision})")
             build_argv = ["cmake", "--build", str(build_dir), "--target", "llama-server", "--config", "Release"]
             tail_args = ["--", *tool_args] if tool_args else []
             await self._run([*build_argv, *jobs, *tail_args], what="cmake --build", show_percent=True)
-            if not binary.is_file():
+            if not await asyncio.to_thread(binary.is_file):
                 raise BuildError(f"the build succeeded but made no {binary}; is {source.path} llama.cpp?")
             version = await self._smoke_test(binary)
-            _write_marker(marker, revision=source.revision, version=version, flags=flags)
+            await asyncio.to_thread(_write_marker, marker, revision=source.revision, version=version, flags=flags)
         self._say(f"smoke test ok: version {version}")
 
-        swapped = _point_symlink(self._binary_path, binary)
+        swapped = await asyncio.to_thread(_point_symlink, self._binary_path, binary)
         self._say(f"binary_path -> {binary}" if swapped else f"binary_path already points at {binary}")
         keep = self._settings.keep_builds
         try:
@@ -265,9 +295,19 @@ class BuildManager:
             binary_path=binary, build_dir=build_dir, llama_cpp_version=version, reused=reused, swapped=swapped
         )
 
+    def _branch(self) -> str:
+        """What the configured source follows: the git branch, the PyPI requirement, or the local folder."""
+        match self._settings.source:
+            case config.BuildSource.GIT:
+                return self._settings.branch
+            case config.BuildSource.PYPI:
+                return self._settings.pypi_package
+            case config.BuildSource.LOCAL:
+                return str(self._settings.source_path)
+
     async def _prepare_source(self) -> _Source:
         sources_dir = self._cache_dir / "sources"
-        sources_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(sources_dir.mkdir, parents=True, exist_ok=True)
         match self._settings.source:
             case config.BuildSource.GIT:
                 return await self._git_source(sources_dir)
@@ -279,7 +319,7 @@ class BuildManager:
     async def _git_source(self, sources_dir: Path) -> _Source:
         url, branch = self._settings.repo_url, self._settings.branch
         clone = sources_dir / f"git-{_sha8(url)}"
-        if (clone / ".git").is_dir():
+        if await asyncio.to_thread((clone / ".git").is_dir):
             self._say(f"fetching {url}")
             await self._run(["git", "-C", str(clone), "fetch", "-q", "--tags", "-f", "--prune"], what="git fetch")
         else:
@@ -289,7 +329,7 @@ class BuildManager:
                 await asyncio.to_thread(shutil.rmtree, leftover, ignore_errors=True)
             self._say(f"cloning {url}")
             await self._run(["git", "clone", "-q", "--filter=blob:none", url, str(partial)], what="git clone")
-            os.replace(partial, clone)
+            await asyncio.to_thread(os.replace, partial, clone)
         for ref in (f"refs/remotes/origin/{branch}", f"refs/tags/{branch}", branch):
             rc, commit, _ = await self._capture(
                 ["git", "-C", str(clone), "rev-parse", "-q", "--verify", f"{ref}^{{commit}}"]
@@ -313,18 +353,18 @@ class BuildManager:
                 "write it like 'llama-cpp-python==0.3.36'"
             )
         name, version = _canonical_name(match[1]), match[2]
-        if version and (found := _find_subdir(sources_dir / f"pypi-{name}-{version}", subdir)):
+        if version and (found := await asyncio.to_thread(_find_subdir, sources_dir / f"pypi-{name}-{version}", subdir)):
             return _Source(revision=f"pypi-{name}-{version}", path=found)
         downloads = self._cache_dir / "downloads"
-        sdist = _find_sdist(downloads, name=name, version=version) if version else None
+        sdist = await asyncio.to_thread(_find_sdist, downloads, name=name, version=version) if version else None
         if sdist is None:
             self._say(f"downloading {requirement} sdist")
             sdist = await self._pip_download(requirement, name=name, downloads=downloads)
         root = sources_dir / f"pypi-{name}-{_sdist_version(sdist)}"
-        if not root.is_dir():
+        if not await asyncio.to_thread(root.is_dir):
             self._say(f"extracting {sdist.name} into {root}")
             await asyncio.to_thread(_extract, sdist, root)
-        found = _find_subdir(root, subdir)
+        found = await asyncio.to_thread(_find_subdir, root, subdir)
         if found is None:
             raise BuildError(f"{sdist.name} has no {subdir!r} folder; fix llama_cpp.pypi_subdir")
         return _Source(revision=root.name, path=found)
@@ -334,11 +374,7 @@ class BuildManager:
         # read the sdist's metadata, and those would then have to be built from source too.
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
         tail = await self._run([*pip, "--no-binary", name, "-d", str(downloads), requirement], what="pip")
-        for line in (line.strip() for line in reversed(tail)):
-            for prefix in ("Saved ", "File was already downloaded "):
-                if line.startswith(prefix) and (path := downloads / Path(line.removeprefix(prefix)).name).is_file():
-                    return path
-        sdist = _find_sdist(downloads, name=name, version=None)
+        sdist = await asyncio.to_thread(_saved_sdist, tail, downloads=downloads, name=name)
         if sdist is None:
             raise BuildError(f"pip download {requirement} left no sdist in {downloads}; does the index have one?")
         return sdist
@@ -346,14 +382,14 @@ class BuildManager:
     async def _local_source(self) -> _Source:
         assert self._settings.source_path is not None, "LlamaCppConfig requires source_path for source: local"
         path = config.resolve_path(self._settings.source_path, base_dir=self._base_dir).absolute()
-        if not (path / "CMakeLists.txt").is_file():
+        if not await asyncio.to_thread((path / "CMakeLists.txt").is_file):
             raise BuildError(f"llama_cpp.source_path {path} has no CMakeLists.txt; point it at llama.cpp")
         revision = await self._git_revision(path)
         return _Source(revision=revision or f"local-{_sha8(str(path))}", path=path)
 
     async def _use_configured_binary(self) -> BuildResult:
         binary = self._binary_path
-        if not binary.is_file():
+        if not await asyncio.to_thread(binary.is_file):
             raise BuildError(
                 f"llama_cpp.enabled is false but binary_path {binary} does not exist; "
                 "point binary_path at a llama-server binary or set enabled: true"
@@ -361,15 +397,15 @@ class BuildManager:
         version = await self._smoke_test(binary)
         self._say(f"smoke test ok: version {version} ({binary}; building is disabled)")
         self._status.llama_cpp_version = version
-        build_dir = binary.resolve().parent
+        build_dir = (await asyncio.to_thread(binary.resolve)).parent
         return BuildResult(binary_path=binary, build_dir=build_dir, llama_cpp_version=version, reused=True)
 
     async def _live_build(self) -> BuildResult | None:
         """The complete build binary_path points at, if it still passes its smoke test."""
-        binary = self._binary_path.resolve()
-        build_dir = binary.parent.parent
-        if not self._binary_path.is_symlink() or not (build_dir / MARKER_NAME).is_file():
+        binary = await asyncio.to_thread(_live_complete_binary, self._binary_path)
+        if binary is None:
             return None
+        build_dir = binary.parent.parent
         try:
             version = await self._smoke_test(binary)
         except SmokeTestFailed:
@@ -398,7 +434,7 @@ class BuildManager:
 
     async def _git_revision(self, path: Path) -> str | None:
         """The short commit checked out at `path`, or None when it is no git work tree's top folder."""
-        if not (path / ".git").exists():  # a folder inside some other repository does not count
+        if not await asyncio.to_thread((path / ".git").exists):  # a folder inside another repository does not count
             return None
         try:
             rc, out, _ = await self._capture(["git", "-C", str(path), "rev-parse", "--short=9", "HEAD"])
@@ -490,6 +526,26 @@ def _find_sdist(downloads: Path, *, name: str, version: str | None) -> Path | No
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
+def _saved_sdist(pip_tail: Sequence[str], *, downloads: Path, name: str) -> Path | None:
+    """The sdist `pip download` says it saved (or found), else the newest of `name` in `downloads`."""
+    for line in (line.strip() for line in reversed(pip_tail)):
+        for prefix in ("Saved ", "File was already downloaded "):
+            if line.startswith(prefix) and (path := downloads / Path(line.removeprefix(prefix)).name).is_file():
+                return path
+    return _find_sdist(downloads, name=name, version=None)
+
+
+def _is_complete(marker: Path, binary: Path) -> bool:
+    return marker.is_file() and binary.is_file()
+
+
+def _live_complete_binary(link: Path) -> Path | None:
+    """The binary `link` resolves to when it is llamesh's symlink into a complete build folder."""
+    binary = link.resolve()
+    complete = link.is_symlink() and (binary.parent.parent / MARKER_NAME).is_file()
+    return binary if complete else None
+
+
 def _find_subdir(root: Path, subdir: str) -> Path | None:
     """llama.cpp's folder in an extracted sdist: `<root>/<name>-<version>/<subdir>`."""
     tops = root.iterdir() if root.is_dir() else []
@@ -555,8 +611,7 @@ def _prune(builds_dir: Path, *, keep: int, live: Path) -> list[Path]:
 @contextlib.asynccontextmanager
 async def _exclusive(lock_path: Path, *, say: Progress) -> AsyncIterator[None]:
     """Hold an flock on `lock_path`, polling for it so that waiting never blocks the event loop."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = await asyncio.to_thread(_open_lock, lock_path)
     try:
         for attempt in range(sys.maxsize):
             try:
@@ -569,6 +624,11 @@ async def _exclusive(lock_path: Path, *, say: Progress) -> AsyncIterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _open_lock(lock_path: Path) -> int:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
 
 
 async def _spawn(argv: list[str], *, env: dict[str, str], merge_stderr: bool) -> asyncio.subprocess.Process:

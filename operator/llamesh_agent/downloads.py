@@ -5,6 +5,7 @@ without a deadline the agent controls. Instead `fetch` returns a cached file at 
 otherwise runs `huggingface_hub.hf_hub_download` in a child process (`python -m llamesh_agent.downloads`):
 a child can be killed when the deadline passes or the instance goes away, which a thread cannot. The child
 reports on stdout, one JSON object a line; the parent watches the partial file grow and reports progress.
+The cache lookup and the partial file's size are read in worker threads, never on the event loop.
 
 The hub is `HF_ENDPOINT` when set (huggingface_hub honours it; tests point it at a local server). Without
 `hf_file`, the file is chosen the way llama-server chooses it: the repo's `.gguf` whose name carries the
@@ -110,8 +111,11 @@ async def fetch(
 ) -> Path:
     """The local path of the model file, downloading it first when the cache does not have it."""
     repo_name, tag = split_tag(repo)
-    if filename is not None and (hit := cached_file(repo_name, filename, cache_dir=cache_dir, revision=revision)):
-        return hit
+    if filename is not None:
+        # The cache lookup reads and stats files: a worker thread's job, not the event loop's.
+        hit = await asyncio.to_thread(cached_file, repo_name, filename, cache_dir=cache_dir, revision=revision)
+        if hit is not None:
+            return hit
     command = [sys.executable, "-m", "llamesh_agent.downloads", "--repo", repo_name, "--cache-dir", str(cache_dir)]
     command += ["--file", filename] if filename else (["--tag", tag] if tag else [])
     command += ["--revision", revision] if revision else []
@@ -170,7 +174,8 @@ class _ChildWatcher:
             if report.get("event") == "file":
                 filename, total = str(report.get("filename")), _int(report.get("size"))
             if on_progress is not None and time.monotonic() >= next_report:
-                self.last_progress = Progress(filename, _partial_bytes(self._blobs), total)
+                partial = await asyncio.to_thread(_partial_bytes, self._blobs)  # a glob and a stat per file
+                self.last_progress = Progress(filename, partial, total)
                 on_progress(self.last_progress)
                 next_report = time.monotonic() + interval_s
 

@@ -13,6 +13,11 @@ process, or a start that failed every attempt, ends in FAILED with the exit code
 A stop is asked for with `request_stop`; `run` then ends with STOPPED (or writes nothing when the instance
 was deleted or moved). Deciding when to stop is the agent's `plan`; keeping processes alive is the
 supervisor's.
+
+The seed's lifecycle lines are logged here, where model, profile and port are all known: `instance_spawn`
+for each spawn attempt (with the reason the instance was created for), `instance_ready`, and one
+`instance_terminate` at the end (reason: the drain's reason, deleted, shutdown or error; the memory the
+process last held as freed_sysmem_mb and freed_vram_mb).
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ class InstanceRunner:
         self.drain_noted_at: float | None = None
         self.peak_sysmem_mb = 0
         self.peak_vram_mb = 0
+        self._model, self._profile_id = instance.spec.model, instance.spec.profile
+        self._created_for = instance.spec.reason.value
+        self._sysmem_mb: int | None = None  # the last sample: what stopping the process frees
+        self._vram_mb: int | None = None
         self._profile = profile
         self._store = resource_store
         self._binary = binary_path
@@ -88,6 +97,7 @@ class InstanceRunner:
         self._progress_write: asyncio.Task[Any] | None = None
         self._stopper: asyncio.Task[supervisor.State] | None = None
         self._stop_reason: str | None = None
+        self._stop_cause = "stopped"  # the instance_terminate reason
         self._publish_stop = True
         self._sampled = False
 
@@ -105,12 +115,14 @@ class InstanceRunner:
 
     # --- commands from the agent --------------------------------------------------------------------
 
-    def request_stop(self, reason: str, *, publish: bool = True) -> None:
-        """Stop the instance (SIGTERM, then SIGKILL); `publish=False` when its status is not ours to write."""
+    def request_stop(self, reason: str, *, publish: bool = True, cause: str = "manual") -> None:
+        """Stop the instance (SIGTERM, then SIGKILL); `publish=False` when its status is not ours to write.
+
+        `reason` is the sentence for status and logs; `cause` the short word instance_terminate carries."""
         if self._stop_reason is not None:
             return
-        log.info("instance %s: stopping: %s", self.name, reason)
-        self._stop_reason, self._publish_stop = reason, publish
+        log.info("instance %s: stopping: %s", self.name, reason, extra=self._fields("instance_stopping", reason=cause))
+        self._stop_reason, self._publish_stop, self._stop_cause = reason, publish, cause
         self.stage = plan.Stage.STOPPING
         if self._download is not None:
             self._download.cancel()
@@ -132,6 +144,7 @@ class InstanceRunner:
         """Take a memory sample; write the instance's peaks when one grew (peaks never shrink)."""
         grew = not self._sampled or sysmem_mb > self.peak_sysmem_mb or vram_mb > self.peak_vram_mb
         self._sampled = True
+        self._sysmem_mb, self._vram_mb = sysmem_mb, vram_mb
         self.peak_sysmem_mb = max(self.peak_sysmem_mb, sysmem_mb)
         self.peak_vram_mb = max(self.peak_vram_mb, vram_mb)
         if grew:
@@ -160,7 +173,7 @@ class InstanceRunner:
                 await asyncio.gather(self._stopper, return_exceptions=True)
 
     async def _run(self) -> None:
-        if not _is_executable(self._binary):
+        if not await asyncio.to_thread(_is_executable, self._binary):
             await self._finish_failed(
                 f"no llama-server binary at {self._binary}; the node's llama.cpp build has not finished or failed"
             )
@@ -231,14 +244,24 @@ class InstanceRunner:
         if error is not None:
             raise error
         path = self._download.result()
-        log.info("instance %s: model file %s", self.name, path)
+        log.info("instance %s: model file %s", self.name, path, extra=self._fields("model_file_ready", path=str(path)))
         return path
 
     def _on_progress(self, progress: downloads.Progress) -> None:
         if self._progress_write is not None and not self._progress_write.done():
             return  # the previous report is still being written; this one would only race it
         message = f"downloading {progress.filename or 'the model'}: {progress.describe()}"
-        log.info("instance %s: %s", self.name, message)
+        log.info(
+            "instance %s: %s",
+            self.name,
+            message,
+            extra=self._fields(
+                "model_download_progress",
+                file=progress.filename,
+                downloaded_bytes=progress.downloaded_bytes,
+                total_bytes=progress.total_bytes,
+            ),
+        )
 
         def report(obj: resources.LlamaInstance) -> None:
             if obj.status.phase is resources.Phase.DOWNLOADING:
@@ -248,6 +271,23 @@ class InstanceRunner:
 
     async def _on_spawn(self, attempt: supervisor.Attempt) -> None:
         limit = self._settings.process.max_attempts
+        log.info(
+            "instance %s: llama-server spawned on %s:%s (pid %d, attempt %d of %d)",
+            self.name,
+            attempt.host,
+            attempt.port,
+            attempt.pid,
+            attempt.number,
+            limit,
+            extra=self._fields(
+                "instance_spawn",
+                reason=self._created_for,
+                host=attempt.host,
+                port=attempt.port,
+                pid=attempt.pid,
+                attempt=attempt.number,
+            ),
+        )
 
         def starting(obj: resources.LlamaInstance) -> None:
             status = obj.status
@@ -294,7 +334,13 @@ class InstanceRunner:
 
             await self._write(parsed)
             self._on_params(self, params)
-        log.info("instance %s: ready on %s:%s, parsed %s", self.name, sup.host, sup.port, params)
+        log.info(
+            "instance %s: ready on %s:%s",
+            self.name,
+            sup.host,
+            sup.port,
+            extra=self._fields("instance_ready", host=sup.host, port=sup.port, pid=sup.pid, parsed_model_params=params),
+        )
 
     async def _finish(self, sup: supervisor.Supervisor, state: supervisor.State) -> None:
         if state is supervisor.State.STOPPED:
@@ -309,9 +355,10 @@ class InstanceRunner:
             )
 
     async def _finish_stopped(self) -> None:
+        reason = self._stop_reason or "stopped"
+        self._log_terminate(logging.INFO, reason, cause=self._stop_cause)
         if not self._publish_stop:
             return
-        reason = self._stop_reason or "stopped"
 
         def stopped(obj: resources.LlamaInstance) -> None:
             obj.status.phase = resources.Phase.STOPPED
@@ -322,7 +369,7 @@ class InstanceRunner:
         await self._write(stopped)
 
     async def _finish_failed(self, message: str) -> None:
-        log.warning("instance %s failed: %s", self.name, message)
+        self._log_terminate(logging.WARNING, message, cause="error")
         if not self._publish_stop:
             return
 
@@ -333,6 +380,27 @@ class InstanceRunner:
             obj.status.stopped_at = store.utcnow()
 
         await self._write(failed)
+
+    def _log_terminate(self, level: int, message: str, *, cause: str) -> None:
+        sup = self._supervisor
+        log.log(
+            level,
+            "instance %s %s: %s",
+            self.name,
+            "failed" if cause == "error" else "stopped",
+            message,
+            extra=self._fields(
+                "instance_terminate",
+                reason=cause,
+                exit_code=sup.exit_code if sup is not None else None,
+                freed_sysmem_mb=self._sysmem_mb,
+                freed_vram_mb=self._vram_mb,
+            ),
+        )
+
+    def _fields(self, event: str, **fields: object) -> dict[str, object]:
+        """A log record's `extra`: the event and the instance it is about."""
+        return {"event": event, "instance_id": self.name, "model": self._model, "profile": self._profile_id, **fields}
 
     async def _write(self, mutate: Callable[[resources.LlamaInstance], None]) -> None:
         await writes.update_status(self._store, resources.LlamaInstance, self.name, mutate, uid=self.uid)

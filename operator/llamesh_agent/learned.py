@@ -9,9 +9,11 @@ file has the seed's snapshot shape,
                            "parsed_model_params": {"params": {...}, "llama_cpp_version": "..."}}},
      "updated_at"}
 
-and keys this module does not know (request counters a seed file may hold) are kept as they are. A file that
-cannot be read starts the node with nothing learned rather than stopping it; a malformed
-`parsed_model_params` loses only itself. Writes go to a temporary file that is renamed over the old one.
+The gateway writes its request counters into the same file (in `llamesh serve` both share it), so a write
+replaces only the agent's keys (`OWNED`: the ones above; `display_names` are joined, not replaced) and
+keeps every other key in the file as the file has it then — `llamesh_api.snapshot` does the locked,
+atomic read-modify-write. A file that cannot be read starts the node with nothing learned rather than
+stopping it; a malformed `parsed_model_params` loses only itself.
 
 Parameters learned under another llama.cpp version than the live binary are withheld when published: the
 same args can resolve to other values on another build (the seed's rule; unknown versions are served).
@@ -23,19 +25,21 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from llamesh_api import resources
+from llamesh_api import resources, snapshot
 
 log = logging.getLogger(__name__)
 
 _KNOWN_HASH_KEYS = frozenset({"display_names", "parsed_model_params", "peak_sysmem_mb", "peak_vram_mb", "sample_count"})
 _KNOWN_TOP_KEYS = frozenset({"node_id", "version", "llama_cpp_version", "hashes", "updated_at"})
+OWNED = snapshot.Owned(
+    top=_KNOWN_TOP_KEYS - {snapshot.HASHES},
+    per_hash=_KNOWN_HASH_KEYS - {"display_names"},
+    union=frozenset({"display_names"}),
+)
 
 
 @dataclasses.dataclass
@@ -70,14 +74,11 @@ class LearnedStore:
         """Read the file; a missing or unreadable file leaves nothing learned (and says why in the log)."""
         self._records, self._other_top = {}, {}
         try:
-            document = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+            document = snapshot.read(self.path)
+        except snapshot.SnapshotError as exc:
+            log.warning("%s; starting with nothing learned", exc)
             return
-        except (OSError, ValueError) as exc:
-            log.warning("cannot read learned data from %s (%s); starting with nothing learned", self.path, exc)
-            return
-        if not isinstance(document, dict):
-            log.warning("%s is not a JSON object; starting with nothing learned", self.path)
+        if document is None:
             return
         self._other_top = {key: value for key, value in document.items() if key not in _KNOWN_TOP_KEYS}
         hashes = document.get("hashes")
@@ -146,19 +147,11 @@ class LearnedStore:
 
 
 def write_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write JSON to a temporary file beside `path`, flush it to disk, and rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(document, stream, indent=2, sort_keys=False)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Put the agent's keys of `document` into the file at `path`, keeping everyone else's (see the module).
+
+    Atomic: the file is the old document or the new one whatever happens, and a failed write (an
+    unserializable value, a full disk) raises and leaves the old one."""
+    snapshot.update(path, lambda current: snapshot.merge(current, document, owned=OWNED))
 
 
 def _record_from_json(entry: dict[str, Any]) -> HashRecord:

@@ -86,14 +86,16 @@ class Rebuilds:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _rebuild(self, requested: int) -> None:
-        log.info("rebuilding llama.cpp (request %d)", requested)
+        log.info("rebuilding llama.cpp (request %d)", requested, extra={"event": "llama_rebuild", "request": requested})
         self._running = True
         self._on_change()
         try:
             await self._binary.build()
             self.error = None
         except Exception as exc:  # the build manager records its own errors; anything else is ours to show
-            log.warning("llama.cpp rebuild failed: %s", exc)
+            log.warning(
+                "llama.cpp rebuild failed: %s", exc, extra={"event": "llama_rebuild_failed", "request": requested}
+            )
             self.error = None if self._binary.status.last_build_error else f"rebuild failed: {exc}"
         finally:
             self._running = False

@@ -8,9 +8,14 @@ the live binary and its build status, GPU telemetry, memory in use, learned data
 peak memory per instance and per args hash (persisted in the node's metrics JSON), and rebuilds of
 llama.cpp when `spec.rebuild_requests` runs ahead of `status.rebuilds_handled`.
 
-Nothing here blocks the event loop: file writes and NVML run in worker threads, children are asyncio
-subprocesses. It does not build llama.cpp at startup (the composition root calls the build manager's
-`ensure_binary` first), decide placement or eviction (the operator), or route requests (the gateway).
+Nothing here blocks the event loop: file reads and writes, stats and NVML run in worker threads, children
+are asyncio subprocesses and their output is written by `childlog`'s thread. Actions are carried out one
+after another with awaits between them, so a runner planned for may have ended by the time its action
+comes: such an action is skipped (the next pass plans again). The uids of instances whose process ended
+(which must not be started again) are forgotten once the store no longer lists the instance, so the set
+stays as small as the store. It does not build llama.cpp at startup (the composition root calls the
+build manager's `ensure_binary` first), decide placement or eviction (the operator), or route requests
+(the gateway).
 """
 
 from __future__ import annotations
@@ -111,8 +116,10 @@ class NodeAgent:
         self._shutting_down = False
         self._heartbeat_tried_at: float | None = None  # time.monotonic() of the last heartbeat attempt
         self._heartbeat_ok_at: float | None = None  # ... and of the last one that was written
+        self._binary_present = False  # as the last heartbeat saw it (a stat, so never on the loop)
         self._stopping = False
         self._stopped = asyncio.Event()
+        self.reconcile_passes = 0  # passes run so far: tests wait for passes instead of guessing with sleeps
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -123,6 +130,11 @@ class NodeAgent:
     def runner(self, instance: str) -> instance_runner.InstanceRunner | None:
         """The runner of an instance this agent runs now (for diagnostics and tests)."""
         return self._runners.get(instance)
+
+    @property
+    def finished_uids(self) -> frozenset[str]:
+        """Uids of instances whose process ended here and that the store still lists (for tests)."""
+        return frozenset(self._finished_uids)
 
     async def run(self) -> None:
         """Publish the node and keep this node's instances converged until `shutdown()` or cancellation."""
@@ -143,7 +155,8 @@ class NodeAgent:
                 try:
                     await self._reconcile_once()
                 except Exception:  # one bad pass must not end the agent
-                    log.exception("agent reconcile failed; retrying")
+                    log.exception("agent reconcile failed; retrying", extra={"event": "agent_reconcile_failed"})
+                self.reconcile_passes += 1
                 await _wait(self._wake, self._timings.reconcile_interval_s)
         finally:
             await self._stop_everything()
@@ -168,19 +181,35 @@ class NodeAgent:
         )
         for action in actions:
             await self._apply(action, now=now)
+        self._forget_finished()
         if self._node is not None and not self._shutting_down:
             self._rebuilds.request(self._node)
 
+    def _forget_finished(self) -> None:
+        """Keep only the finished uids the store still lists: a deleted instance's uid never comes back."""
+        if self._instance_informer.listed.is_set():  # before the first list the cache is not the store's
+            self._finished_uids.intersection_update(
+                uid for instance in self._instances.values() if (uid := instance.metadata.uid) is not None
+            )
+
     async def _apply(self, action: plan.Action, *, now: float) -> None:
+        """Carry out one action. Earlier actions of the same pass awaited, so the runner or instance it was
+        planned for may be gone by now: then it is skipped, and the next pass plans with what is left."""
+        runner = self._runners.get(action.instance)
         match action:
             case plan.Start(instance=name):
-                await self._start(name)
-            case plan.NoteDrain(instance=name):
-                await self._runners[name].note_drain(now)
-            case plan.Stop(instance=name, reason=reason):
-                self._runners[name].request_stop(reason, publish=True)
-            case plan.Abandon(instance=name, reason=reason):
-                self._runners[name].request_stop(reason, publish=False)
+                if runner is None and name in self._instances:
+                    await self._start(name)
+            case plan.NoteDrain(instance=name) if runner is not None:
+                await runner.note_drain(now)
+            case plan.Stop(instance=name, reason=reason) if runner is not None:
+                runner.request_stop(reason, publish=True, cause=self._drain_cause(name))
+            case plan.Abandon(instance=name, reason=reason) if runner is not None:
+                runner.request_stop(reason, publish=False, cause="deleted")
+            case plan.NoteDrain() | plan.Stop() | plan.Abandon():
+                log.debug(
+                    "%s: its runner ended before the action came", action, extra={"event": "agent_action_skipped"}
+                )
             case plan.MarkLost(instance=name):
                 await self._mark(
                     name,
@@ -189,6 +218,12 @@ class NodeAgent:
                 )
             case plan.MarkStopped(instance=name, reason=reason):
                 await self._mark(name, resources.Phase.STOPPED, reason)
+
+    def _drain_cause(self, name: str) -> str:
+        """The short reason of a drain (idle, capacity, profile_changed, ...) for instance_terminate."""
+        instance = self._instances.get(name)
+        drain_reason = instance.spec.drain_reason if instance is not None else None
+        return (drain_reason or "manual").split(":", 1)[0].strip() or "manual"
 
     async def _start(self, name: str) -> None:
         instance = self._instances[name]
@@ -215,7 +250,13 @@ class NodeAgent:
             settings=self._timings.runner,
             env=self._child_env,
         )
-        log.info("instance %s (%s): starting on %s", name, runner.display_name, self.node_name)
+        log.info(
+            "instance %s (%s): starting on %s",
+            name,
+            runner.display_name,
+            self.node_name,
+            extra={"event": "instance_start", "instance_id": name, "model": instance.spec.model},
+        )
         self._runners[name] = runner
         task = asyncio.create_task(self._run_runner(runner), name=f"instance-{name}")
         self._runner_tasks[name] = task
@@ -225,7 +266,7 @@ class NodeAgent:
         try:
             await runner.run()
         except Exception:
-            log.exception("instance %s: its runner failed", runner.name)
+            log.exception("instance %s: its runner failed", runner.name, extra={"event": "instance_runner_failed"})
         finally:
             if runner.uid is not None:
                 self._finished_uids.add(runner.uid)
@@ -238,7 +279,13 @@ class NodeAgent:
 
     async def _mark(self, name: str, phase: resources.Phase, message: str) -> None:
         """A final phase for an instance no process of ours serves (only if it is not final already)."""
-        log.info("instance %s: %s (%s)", name, phase.value, message)
+        log.info(
+            "instance %s: %s (%s)",
+            name,
+            phase.value,
+            message,
+            extra={"event": "instance_marked", "instance_id": name, "phase": phase.value},
+        )
         uid = self._instances[name].metadata.uid if name in self._instances else None
 
         def mark(obj: resources.LlamaInstance) -> None:
@@ -257,6 +304,7 @@ class NodeAgent:
             return
         self._stopping = True
         reason = "the node is shutting down" if self._shutting_down else "the node agent stopped"
+        cause = "shutdown" if self._shutting_down else "agent_stopped"
         self._shutting_down = True  # from here on the node is draining, and it says so first
         with contextlib.suppress(Exception):
             await self._publish_node()
@@ -265,7 +313,7 @@ class NodeAgent:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
         for runner in list(self._runners.values()):
-            runner.request_stop(reason, publish=True)
+            runner.request_stop(reason, publish=True, cause=cause)
         await asyncio.gather(*self._runner_tasks.values(), return_exceptions=True)
         await self._rebuilds.close()
         with contextlib.suppress(Exception):
@@ -316,7 +364,9 @@ class NodeAgent:
                 await self._publish_node()
                 self._heartbeat_ok_at = time.monotonic()
             except Exception:
-                log.exception("publishing LlamaNode %s failed; retrying", self.node_name)
+                log.exception(
+                    "publishing LlamaNode %s failed; retrying", self.node_name, extra={"event": "node_publish_failed"}
+                )
 
     def health(self) -> Health:
         """For probes. Alive: its heartbeat loop still turns (a wedged loop is restarted). Ready: it published
@@ -325,7 +375,7 @@ class NodeAgent:
         tried = self._heartbeat_tried_at
         alive = tried is None or now - tried < 3 * interval + 30  # None: still starting
         fresh = self._heartbeat_ok_at is not None and now - self._heartbeat_ok_at < 3 * interval + 5
-        ready = fresh and live_binary.is_present(self._binary) and not self._shutting_down
+        ready = fresh and self._binary_present and not self._shutting_down
         if not alive:
             return Health(False, False, f"heartbeat loop stuck for {now - (tried or now):.0f} s")
         if not ready:
@@ -335,7 +385,7 @@ class NodeAgent:
 
     async def _publish_node(self) -> None:
         settings, build = self._config, self._binary.status
-        present = await asyncio.to_thread(live_binary.is_present, self._binary)
+        present = self._binary_present = await asyncio.to_thread(live_binary.is_present, self._binary)
         report = node_status.NodeReport(
             max_vram_mb=settings.max_vram_mb,
             max_sysmem_mb=settings.max_sysmem_mb,
@@ -373,7 +423,7 @@ class NodeAgent:
             try:
                 await self._sample_once()
             except Exception:
-                log.exception("memory sampling failed; trying again later")
+                log.exception("memory sampling failed; trying again later", extra={"event": "memory_sample_failed"})
 
     async def _sample_once(self) -> None:
         sampler = self._sampler

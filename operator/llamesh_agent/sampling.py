@@ -79,7 +79,7 @@ def load_nvml() -> Nvml | None:
 
         pynvml.nvmlInit()
     except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver errors: all mean "no NVML"
-        log.info("no GPU telemetry: NVML is not available (%s)", exc)
+        log.info("no GPU telemetry: NVML is not available (%s)", exc, extra={"event": "gpu_telemetry_unavailable"})
         return None
     nvml: Nvml = pynvml
     return nvml
@@ -112,7 +112,9 @@ class Sampler:
         try:
             count = nvml.nvmlDeviceGetCount()
         except Exception as exc:  # an NVML error type; pynvml has many
-            log.warning("NVML stopped answering (%s); reporting no GPU telemetry", exc)
+            log.warning(
+                "NVML stopped answering (%s); reporting no GPU telemetry", exc, extra={"event": "gpu_telemetry_failed"}
+            )
             return GpuSample()
         total = used = 0
         read_any = False
@@ -122,7 +124,9 @@ class Sampler:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
             except Exception as exc:
-                log.warning("NVML cannot read GPU %d (%s); leaving it out", index, exc)
+                log.warning(
+                    "NVML cannot read GPU %d (%s); leaving it out", index, exc, extra={"event": "gpu_telemetry_failed"}
+                )
                 continue
             read_any = True
             total += memory.total // MIB

@@ -15,8 +15,10 @@ exits before that, or a budget that runs out, fails the attempt; up to `max_atte
 each on a fresh port. Stopping is SIGTERM, then SIGKILL after `stop_grace_s`. `stop()` is final: nothing
 is restarted after it, and a process that exits while being stopped is STOPPED, not EXITED.
 
-The child's stdout and stderr go line by line to a log file and a ring buffer (for error messages), and
-through the startup-log parser. One `asyncio.Lock` per supervisor serialises spawning and stopping.
+The child's stdout and stderr go line by line to a ring buffer (for error messages), through the
+startup-log parser, and to a log file through `childlog`, whose thread does the writing: the event loop
+(shared with the gateway under `llamesh serve`) does no file I/O per line. The file is complete once the
+supervisor reports the child gone. One `asyncio.Lock` per supervisor serialises spawning and stopping.
 
 Not here: restarting after a crash (the instance is reported failed and replaced by the operator and
 gateway), downloads, or anything about the store.
@@ -42,7 +44,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from llamesh_agent import launch, orphans, ports, startup_log
+from llamesh_agent import childlog, launch, orphans, ports, startup_log
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +225,23 @@ class Supervisor:
                     if failure is None:
                         self._ready_monotonic = time.monotonic()
                         self._transition(State.READY)
-                        log.info("%s: ready on %s:%s (attempt %d)", self._log_path.stem, self._host, self._port, number)
+                        log.info(
+                            "%s: ready on %s:%s (attempt %d)",
+                            self._log_path.stem,
+                            self._host,
+                            self._port,
+                            number,
+                            extra=self._fields("llama_server_ready", attempt=number),
+                        )
                         break
                     await self._terminate()
                     self._failure = failure
-                    log.warning("%s: %s", self._log_path.stem, failure)
+                    log.warning(
+                        "%s: %s",
+                        self._log_path.stem,
+                        failure,
+                        extra=self._fields("llama_server_attempt_failed", attempt=number),
+                    )
                     if number == self._settings.max_attempts:
                         self._transition(State.FAILED)
                         break
@@ -252,7 +266,13 @@ class Supervisor:
     def _transition(self, new: State) -> None:
         if new not in TRANSITIONS[self._state]:
             raise IllegalTransition(f"llama-server supervisor cannot go from {self._state.value} to {new.value}")
-        log.debug("%s: %s -> %s", self._log_path.stem, self._state.value, new.value)
+        log.debug(
+            "%s: %s -> %s",
+            self._log_path.stem,
+            self._state.value,
+            new.value,
+            extra=self._fields("llama_server_state", state=new.value, previous=self._state.value),
+        )
         self._state = new
         if new.is_terminal:
             self._ports.release(self._port)
@@ -275,14 +295,14 @@ class Supervisor:
         command = launch.argv(self._binary, self._args, port=self._port, host=self._settings.host)
         self._exited = asyncio.Event()
         self._exit_code = None
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = await asyncio.to_thread(launch.child_env, self._binary, self._base_env)  # resolves a symlink
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env=launch.child_env(self._binary, self._base_env),
+                env=env,
                 start_new_session=True,  # a Ctrl-C meant for the agent does not reach its children first
                 preexec_fn=orphans.preexec_fn(),
                 limit=_LINE_LIMIT,
@@ -348,6 +368,7 @@ class Supervisor:
                     self._log_path.stem,
                     process.pid,
                     self._settings.stop_grace_s,
+                    extra=self._fields("llama_server_killed", pid=process.pid),
                 )
                 self._killed = True
                 _signal(process, signal.SIGKILL)
@@ -371,12 +392,15 @@ class Supervisor:
                 f"llama-server exited with {describe_exit(code)} after serving for {served:.0f} s; "
                 f"last lines of {self._log_path}:\n{lines}"
             )
-            log.warning("%s: %s", self._log_path.stem, self._failure)
+            log.warning(
+                "%s: %s", self._log_path.stem, self._failure, extra=self._fields("llama_server_exited", exit_code=code)
+            )
             self._transition(State.EXITED)
 
     async def _read(self, stream: asyncio.StreamReader, *, header: str) -> None:
-        with self._log_path.open("a", encoding="utf-8", errors="replace") as log_file:
-            log_file.write(header + "\n")
+        log_file = childlog.ChildLog(self._log_path)
+        log_file.write(header)
+        try:
             while True:
                 try:
                     raw = await stream.readline()
@@ -385,10 +409,15 @@ class Supervisor:
                 if not raw:
                     return
                 line = raw.decode(errors="replace").rstrip("\r\n")
-                log_file.write(line + "\n")
-                log_file.flush()
+                log_file.write(line)
                 self._tail.append(line)
                 self._parser.feed(line)
+        finally:
+            await log_file.close()
+
+    def _fields(self, event: str, **fields: object) -> dict[str, object]:
+        """A log record's `extra`: the event, and which instance (the log file is named after it)."""
+        return {"event": event, "instance_id": self._log_path.stem, "port": self._port, **fields}
 
 
 def describe_exit(code: int | None) -> str:

@@ -156,10 +156,31 @@ class ClusterConfig(_Section):
 
 
 class HttpConfig(_Section):
-    request_body_limit_bytes: int = Field(1048576, ge=1)
-    idle_timeout_seconds: int = Field(120, ge=1)
-    body_read_timeout_ms: int = Field(30000, ge=1)
-    protocol_detect_timeout_ms: int = Field(10000, ge=1)
+    """The gateway's HTTP server: what one client may send, and how long and how many it may hold open."""
+
+    request_body_limit_bytes: int = Field(1048576, ge=1, description="Largest request body in bytes (413 above).")
+    idle_timeout_seconds: int = Field(
+        120, ge=1, description="A kept-alive client connection with no request for this long is closed."
+    )
+    body_read_timeout_ms: int = Field(30000, ge=1, description="Longest time to read a request body (408 after).")
+    protocol_detect_timeout_ms: int = Field(
+        10000,
+        ge=1,
+        description="A new client connection that sends no byte for this long is closed (the seed's wait for "
+        "the bytes that tell its protocol).",
+    )
+    header_read_timeout_ms: int = Field(
+        10000,
+        ge=1,
+        description="A request's line and headers must be complete this long after its first byte, or the "
+        "connection is closed without an answer (a slow or stalled client).",
+    )
+    max_connections: int = Field(
+        10000,
+        ge=1,
+        description="Client connections open at once; more are closed as soon as they are accepted. Lowered at "
+        "start to what the open-file limit (RLIMIT_NOFILE) allows.",
+    )
 
 
 class WedgeDetectorConfig(_Section):
@@ -170,11 +191,11 @@ class WedgeDetectorConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    enabled: bool = False
-    directory: str = "./logs"
-    filename: str = "proxy.log"
-    max_keep_files: int = Field(7, ge=0)
-    compression: bool = True
+    enabled: bool = Field(False, description="Also write the JSON log lines to a file (stderr always gets them).")
+    directory: str = Field("./logs", description="Folder of the log file; relative to the config file's folder.")
+    filename: str = Field("proxy.log", description="The live file; rotated files get .YYYY-MM-DD (UTC) appended.")
+    max_keep_files: int = Field(7, ge=0, description="Rotated files kept (compressed or not); 0 = keep them all.")
+    compression: bool = Field(True, description="gzip each file as it is rotated (.gz after the date).")
 
 
 class AuthConfig(_Section):

@@ -119,7 +119,7 @@ class Controller:
                 try:
                     await self.reconcile_once()
                 except Exception:  # the loop must survive anything one pass hits
-                    log.exception("operator reconcile failed; retrying")
+                    log.exception("operator reconcile failed; retrying", extra={"event": "reconcile_failed"})
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (cpython#86296)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._interval):
@@ -141,18 +141,29 @@ class Controller:
     ) -> None:
         match action:
             case planning.Bind(instance=name, node=node_name):
+                moved = False  # set by the last (conflict-retried) run of `bind`: did this write bind it?
 
                 def bind(obj: resources.LlamaInstance) -> None:
-                    if not obj.spec.node_name:  # a binding is never moved
+                    nonlocal moved
+                    moved = not obj.spec.node_name
+                    if moved:  # a binding is never moved
                         obj.spec.node_name = node_name
 
-                if (bound := await writes.update(self._store, resources.LlamaInstance, name, bind)) is not None:
-                    log.info("instance %s bound to node %s", name, node_name)
+                bound = await writes.update(self._store, resources.LlamaInstance, name, bind)
+                if bound is not None and moved:
+                    log.info(
+                        "instance %s bound to node %s",
+                        name,
+                        node_name,
+                        extra={"event": "instance_bound", "instance_id": name, "node": node_name},
+                    )
                     await self._record(bound, reason="Bound", message=f"bound to node {node_name}")
             case planning.Unschedulable(instance=name, message=message):
                 if self._unschedulable.get(name) != message:
                     self._unschedulable[name] = message
-                    log.warning("instance %s: %s", name, message)
+                    log.warning(
+                        "instance %s: %s", name, message, extra={"event": "instance_unschedulable", "instance_id": name}
+                    )
                     if name in instances:
                         await self._record(instances[name], reason="Unschedulable", message=message, warning=True)
             case planning.Drain(instance=name, reason=reason):
@@ -162,12 +173,22 @@ class Controller:
                     obj.spec.drain_reason = reason
 
                 if (drained := await writes.update(self._store, resources.LlamaInstance, name, drain)) is not None:
-                    log.info("instance %s draining: %s", name, reason)
+                    log.info(
+                        "instance %s draining: %s",
+                        name,
+                        reason,
+                        extra={"event": "instance_drain", "instance_id": name, "reason": reason},
+                    )
                     why = "Evicting" if reason.startswith("capacity") else "Draining"
                     await self._record(drained, reason=why, message=reason)
             case planning.Delete(instance=name, reason=reason):
                 await self._store.delete(resources.LlamaInstance, name)
-                log.info("instance %s deleted: %s", name, reason)
+                log.info(
+                    "instance %s deleted: %s",
+                    name,
+                    reason,
+                    extra={"event": "instance_deleted", "instance_id": name, "reason": reason},
+                )
                 if name in instances:
                     await self._record(instances[name], reason="Deleted", message=reason)
             case planning.Create(model=model, profile=profile, args_hash=args_hash, reason=reason):
@@ -182,11 +203,22 @@ class Controller:
                 )
                 created = await self._store.create(instance)
                 await self._record(created, reason="Created", message=f"{reason.value}: {model}:{profile}")
-                log.info("instance %s created: %s", created.name, reason.value)
+                log.info(
+                    "instance %s created: %s",
+                    created.name,
+                    reason.value,
+                    extra={
+                        "event": "instance_created",
+                        "instance_id": created.name,
+                        "model": model,
+                        "profile": profile,
+                        "reason": reason.value,
+                    },
+                )
             case planning.NodeLost(node=node_name, message=message):
                 if node_name not in self._lost_nodes:
                     self._lost_nodes.add(node_name)
-                    log.warning("node %s lost: %s", node_name, message)
+                    log.warning("node %s lost: %s", node_name, message, extra={"event": "node_lost", "node": node_name})
                     node = await self._store.get(resources.LlamaNode, node_name)
                     if node is not None:
                         await self._record(node, reason="NodeLost", message=message, warning=True)

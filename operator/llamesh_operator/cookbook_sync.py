@@ -57,7 +57,11 @@ class CookbookFile:
             self.last_error = loading.ConfigError(
                 [loading.Problem(str(self.path), "", f"cannot read the file ({exc.strerror})", "restore the file")]
             )
-            log.error("cookbook not reloaded, last good one keeps serving: %s", self.last_error)
+            log.error(
+                "cookbook not reloaded, last good one keeps serving: %s",
+                self.last_error,
+                extra={"event": "cookbook_reload_failed"},
+            )
             return False
         if digest == self._digest:
             return True
@@ -65,7 +69,11 @@ class CookbookFile:
             book = await asyncio.to_thread(loading.load_cookbook, self.path)
         except loading.ConfigError as exc:
             self.last_error = exc
-            log.error("cookbook not reloaded, last good one keeps serving:\n%s", exc)
+            log.error(
+                "cookbook not reloaded, last good one keeps serving:\n%s",
+                exc,
+                extra={"event": "cookbook_reload_failed"},
+            )
             return False
         await self._apply(book)
         self._digest = digest
@@ -89,13 +97,17 @@ class CookbookFile:
         changes = diff_models(book, (await self._store.list(resources.LlamaModel)).items)
         for model in changes.create:
             await self._store.create(resources.LlamaModel.from_cookbook(model))
-            log.info("cookbook: model %s added", model.name)
+            log.info(
+                "cookbook: model %s added", model.name, extra={"event": "cookbook_model_added", "model": model.name}
+            )
         for model in changes.update:
             await writes.update(self._store, resources.LlamaModel, model.name, _set_spec(model.spec()))
-            log.info("cookbook: model %s changed", model.name)
+            log.info(
+                "cookbook: model %s changed", model.name, extra={"event": "cookbook_model_changed", "model": model.name}
+            )
         for name in changes.delete:
             await self._store.delete(resources.LlamaModel, name)
-            log.info("cookbook: model %s removed", name)
+            log.info("cookbook: model %s removed", name, extra={"event": "cookbook_model_removed", "model": name})
 
 
 def _set_spec(spec: cookbook.ModelSpec) -> Callable[[resources.LlamaModel], None]:

@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import os
 import socket
-import sys
 from pathlib import Path
 
 from llamesh_agent import build, instance_runner, node_agent
@@ -80,7 +79,7 @@ async def agent(
 
         probes = await health.serve(check, host="0.0.0.0", port=health_port)
     stop = serve.Signals()
-    print(f"llamesh agent: node {node_name} at {address}", file=sys.stderr, flush=True)
+    log.info("llamesh agent: node %s at %s", node_name, address, extra={"event": "ready", "node_name": node_name})
     try:
         await asyncio.wait({task, asyncio.ensure_future(stop.first())}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -106,7 +105,6 @@ async def gateway(node_config: config.NodeConfig, *, kubeconfig: str | None, nam
     try:
         await serve.listen(runner, node_config)
         log.info("gateway %s serving on http://%s/v1", gateway_id, node_config.listen_addr, extra={"event": "ready"})
-        print(f"llamesh gateway: serving on http://{node_config.listen_addr}/v1", file=sys.stderr, flush=True)
         await stop.first()
         await serve.drain(app, stop, grace_s=node_config.shutdown_grace_period_seconds)
     finally:
@@ -117,4 +115,4 @@ async def gateway(node_config: config.NodeConfig, *, kubeconfig: str | None, nam
 
 
 def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    log.info(message, extra={"event": "llama_build_progress"})  # a JSON line like every other

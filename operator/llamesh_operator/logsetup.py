@@ -1,26 +1,43 @@
-"""Process-wide logging: one JSON object per line on stderr (and optionally a rotated file).
+"""Process-wide logging: one JSON object per line on stderr, and optionally in a daily-rotated file.
 
-The seed logs structured JSON with at least timestamp, level, node_id and event; fields a caller passes
-through `extra=` (request_id, session_id, model, ...) are kept as top-level keys. Configured once by the
-CLI; library modules only call `logging.getLogger(__name__)`.
+Every line carries the seed's minimum fields: timestamp, level, node_id, event, and request_id and
+session_id while a gateway request is being handled (`requestlog.RequestContext` adds them). Fields a
+caller passes through `extra=` (model, instance_id, port, ...) are top-level keys. `event` is always a real
+field: the caller's (`extra={"event": "instance_spawn", ...}`, the seed's names), or else the logger's
+name, so a third-party record (aiohttp, kopf, asyncio, `py.warnings`) is still one flat object and never a
+JSON string inside `message`.
+
+The event loop only enqueues records. A writer thread formats and writes them in batches, and the file
+handler's rollover runs there too: at midnight UTC the file is renamed with the date appended, gzipped when
+`logging.compression` is on, and rotated files beyond `logging.max_keep_files` (compressed or not) are
+deleted. Configured once by the CLI; library modules only call `logging.getLogger(__name__)`.
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
+import gzip
 import json
 import logging
 import logging.handlers
+import os
 import queue
+import re
+import shutil
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llamesh_api import config
+from llamesh_proxy import requestlog
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "taskName"}
+# kopf's ObjectLogger passes its whole OperatorSettings and a flag for its event poster in `extra`.
+_DROPPED = frozenset({"settings", "k8s_skip"})
+_REQUEST_KEYS = ("request_id", "session_id")  # only written when known
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,12 +53,15 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "node_id": self._node_id,
             "logger": record.name,
-            "event": getattr(record, "event", None) or "log",
+            "event": getattr(record, "event", None) or record.name,
             "message": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and key not in entry:
-                entry[key] = value
+            if key in _STANDARD or key in entry or key in _DROPPED:
+                continue
+            if value is None and key in _REQUEST_KEYS:
+                continue
+            entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -86,6 +106,8 @@ class _BatchWriter(threading.Thread):
     def stop(self) -> None:
         self._stopped.set()
         self.join(timeout=5)
+        for handler in self._handlers:
+            handler.close()
 
     def _drain(self) -> None:
         while True:
@@ -97,32 +119,78 @@ class _BatchWriter(threading.Thread):
                 if record.levelno >= handler.level:
                     handler.handle(record)
         for handler in self._handlers:
-            handler.flush()
+            try:
+                handler.flush()
+            except (OSError, ValueError):  # a closed or broken stream: `handle` reports it, the thread lives on
+                continue
 
 
-def configure(node_config: config.NodeConfig, *, config_dir: Path, level: int = logging.INFO) -> None:
+class DailyFileHandler(logging.handlers.TimedRotatingFileHandler):
+    """The seed's file log: rotated at midnight UTC to `<filename>.<YYYY-MM-DD>` (`.gz` added when
+    compressing), keeping the newest `keep` rotated files (0 = all).
+
+    Retention is counted here rather than by the standard library, whose matching of rotated names changes
+    between Python versions and does not always see a renamed (compressed) file.
+    """
+
+    def __init__(self, path: Path, *, keep: int, compress: bool) -> None:
+        super().__init__(path, when="midnight", backupCount=keep, utc=True, encoding="utf-8")
+        self._rotated = re.compile(re.escape(path.name) + r"\.\d{4}-\d{2}-\d{2}(?:\.gz)?")
+        if compress:
+            self.namer = _gzip_name
+            self.rotator = _gzip_rotate
+
+    def getFilesToDelete(self) -> list[str]:  # the standard library calls it by this name
+        folder = os.path.dirname(self.baseFilename)
+        rotated = sorted(name for name in os.listdir(folder) if self._rotated.fullmatch(name))
+        surplus = len(rotated) - self.backupCount
+        if self.backupCount == 0 or surplus <= 0:
+            return []
+        return [os.path.join(folder, name) for name in rotated[:surplus]]  # the dates sort oldest first
+
+
+def _gzip_name(default_name: str) -> str:
+    return default_name + ".gz"
+
+
+def _gzip_rotate(source: str, dest: str) -> None:
+    """Compress the file just closed into `dest` and remove it (on the writer thread, like every write)."""
+    if not os.path.exists(source):
+        return
+    with open(source, "rb") as plain, gzip.open(dest, "wb") as packed:
+        shutil.copyfileobj(plain, packed)
+    os.remove(source)
+
+
+def file_handler(settings: config.LoggingConfig, *, config_dir: Path) -> DailyFileHandler:
+    """The file handler `logging.*` asks for (the folder is created); the caller checks `enabled`."""
+    directory = config.resolve_path(settings.directory, base_dir=config_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    return DailyFileHandler(directory / settings.filename, keep=settings.max_keep_files, compress=settings.compression)
+
+
+def configure(node_config: config.NodeConfig, *, config_dir: Path, level: int = logging.INFO) -> Callable[[], None]:
+    """Send every record of the process to stderr (and the file) as JSON lines; returns `stop`, which
+    writes what is queued and closes the handlers (also run at exit)."""
     formatter = JsonFormatter(node_id=node_config.node_id)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    settings = node_config.logging
-    if settings.enabled:
-        directory = config.resolve_path(settings.directory, base_dir=config_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        handlers.append(
-            logging.handlers.TimedRotatingFileHandler(
-                directory / settings.filename, when="midnight", backupCount=settings.max_keep_files, utc=True
-            )
-        )
+    if node_config.logging.enabled:
+        handlers.append(file_handler(node_config.logging, config_dir=config_dir))
     for handler in handlers:
         handler.setFormatter(formatter)
-    # Formatting and writing happen on a writer thread: the event loop only enqueues the record.
+    # Formatting, writing and rotating happen on a writer thread: the event loop only enqueues the record.
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     writer = _BatchWriter(records, handlers)
     writer.start()
     atexit.register(writer.stop)
+    enqueue = _RecordQueueHandler(records)
+    enqueue.addFilter(requestlog.RequestContext())  # runs on the logging thread, where the request's context is
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.addHandler(_RecordQueueHandler(records))
+    root.addHandler(enqueue)
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings become records (event py.warnings), not bare stderr text
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # the gateway writes its own request lines
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change in the watched folder
+    return writer.stop

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Coroutine
@@ -43,7 +44,16 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
         built = await binary.ensure_binary()
     except build.BuildError as exc:
         raise ServeError(f"llama-server is not available: {exc}") from exc
-    log.info("llama-server %s (llama.cpp %s)", built.binary_path, built.llama_cpp_version)
+    log.info(
+        "llama-server %s (llama.cpp %s)",
+        built.binary_path,
+        built.llama_cpp_version,
+        extra={
+            "event": "llama_binary",
+            "binary_path": str(built.binary_path),
+            "llama_cpp_version": built.llama_cpp_version,
+        },
+    )
 
     state_dir = config.resolve_path(node_config.llama_cpp.cache_dir, base_dir=config_dir) / "state"
     agent = node_agent.NodeAgent(
@@ -51,7 +61,11 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
     )
     operator = controller.Controller(resource_store=memory, defaults=lambda: node_config.model_defaults)
     app = gateway_app.create_app(
-        node_config, store=memory, gateway_id=f"{node_config.node_id}-gateway", node_name=agent.node_name
+        node_config,
+        store=memory,
+        gateway_id=f"{node_config.node_id}-gateway",
+        node_name=agent.node_name,
+        metrics_path=agent.learned_path,  # one metrics file per node, shared with the agent (`snapshot`)
     )
     runner = gateway_app.make_runner(app)
 
@@ -64,7 +78,6 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
     try:
         await listen(runner, node_config)
         log.info("llamesh serving the OpenAI API on http://%s/v1", node_config.listen_addr, extra={"event": "ready"})
-        print(f"llamesh: serving on http://{node_config.listen_addr}/v1", file=sys.stderr, flush=True)
 
         await stop.first()
         await drain(app, stop, grace_s=node_config.shutdown_grace_period_seconds)
@@ -79,7 +92,11 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
 
 
 async def listen(runner: web.AppRunner, node_config: config.NodeConfig) -> None:
-    """Open the gateway's port (`listen_addr`); a port that cannot be had is a ServeError saying so."""
+    """Open the gateway's port (`listen_addr`); a port that cannot be had is a ServeError saying so.
+
+    First the open-file limit is raised as far as allowed: every client connection is a descriptor, and
+    the usual soft limit of 1024 would refuse clients long before `http.max_connections`."""
+    raise_open_file_limit()
     await runner.setup()
     # A deep backlog: a burst of clients connecting at once must not see dropped SYNs (1 s retries).
     site = web.TCPSite(runner, node_config.listen_host, node_config.listen_port, reuse_address=True, backlog=1024)
@@ -87,6 +104,19 @@ async def listen(runner: web.AppRunner, node_config: config.NodeConfig) -> None:
         await site.start()
     except OSError as exc:
         raise ServeError(f"cannot listen on {node_config.listen_addr}: {exc.strerror}; set listen_addr") from exc
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as far as the system allows); the soft limit after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # an unlimited hard limit is more than the kernel gives one process
+        log.info("open-file limit stays at %s (raising it to %s failed: %s)", soft, hard, exc)
+        return soft
+    return hard
 
 
 async def drain(app: web.Application, stop: Signals, *, grace_s: float) -> None:
@@ -101,7 +131,7 @@ async def drain(app: web.Application, stop: Signals, *, grace_s: float) -> None:
 
 
 def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    log.info(message, extra={"event": "llama_build_progress"})  # a JSON line like every other
 
 
 class Signals:

@@ -3,9 +3,12 @@
 `create_app(...)` builds everything from its arguments and starts nothing: on startup (cleanup_ctx) the
 shared upstream `ClientSession` is opened, the catalog is primed from the store, the watches and the
 usage publisher start; on cleanup they stop, a last usage report is written and the session closes.
+With a `metrics_path`, the counters are loaded from the node's metrics file and saved to it (`metrics_file`).
 
-Run it with `make_runner(app)` (or any runner with `handler_cancellation=True`): a client that disconnects
-must cancel its handler, so a queued request leaves its queue and an upstream request is abandoned at once.
+Run it with `make_runner(app)`: a client that disconnects must cancel its handler (`handler_cancellation`),
+so a queued request leaves its queue and an upstream request is abandoned at once; and its connections
+follow `http` (`connections`: malformed requests answered with the envelope, header and idle deadlines, a
+connection cap). Any other runner serves the same app without those connection limits.
 The CLI's shutdown calls `start_draining(app)` on the first SIGTERM, then `await wait_idle(app, grace)`.
 """
 
@@ -14,27 +17,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import typedefs, web
 
 from llamesh_api import config, store
-from llamesh_proxy import catalog, endpoints, errors, following, forwarder, gateway, inference
+from llamesh_proxy import (
+    catalog,
+    connections,
+    endpoints,
+    errors,
+    following,
+    forwarder,
+    gateway,
+    inference,
+    metrics_file,
+)
 
 GATEWAY = gateway.GATEWAY
 TEXT, EMBEDDINGS, RERANK = catalog.Capability.TEXT, catalog.Capability.EMBEDDINGS, catalog.Capability.RERANK
 
 
 def create_app(
-    node_config: config.NodeConfig, *, store: store.Store, gateway_id: str, node_name: str, shared_slots: bool = False
+    node_config: config.NodeConfig,
+    *,
+    store: store.Store,
+    gateway_id: str,
+    node_name: str,
+    shared_slots: bool = False,
+    metrics_path: Path | None = None,
 ) -> web.Application:
     """The OpenAI gateway for `node_config`, reading and writing resources through `store`.
 
     `shared_slots`: other gateway replicas serve the same instances (Kubernetes); keep the per-instance
-    slot limit together with them (`sharing`)."""
+    slot limit together with them (`sharing`). `metrics_path`: the node's metrics file, where the counters
+    outlive the process (`metrics_file`); None keeps them for the process only."""
     gw = gateway.Gateway(
-        node_config, store=store, gateway_id=gateway_id, node_name=node_name, shared_slots=shared_slots
+        node_config,
+        store=store,
+        gateway_id=gateway_id,
+        node_name=node_name,
+        shared_slots=shared_slots,
+        metrics_path=metrics_path,
     )
     middlewares: list[typedefs.Middleware] = [errors.error_middleware]
     if gw.authenticator.enabled:
@@ -44,14 +70,16 @@ def create_app(
     _add_routes(app)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_background)
+    app.cleanup_ctx.append(metrics_file.persisted)
     return app
 
 
 def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
-    """An `AppRunner` with the settings the gateway relies on (client disconnect cancels the handler)."""
+    """An `AppRunner` with the settings the gateway relies on (client disconnect cancels the handler) and
+    the connection rules of the node config's `http` section."""
     kwargs.setdefault("handler_cancellation", True)
     kwargs.setdefault("access_log", None)
-    return web.AppRunner(app, **kwargs)
+    return connections.GatewayRunner(app, http=app[GATEWAY].config.http, **kwargs)
 
 
 def start_draining(app: web.Application) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import json
 import logging
 import secrets
 import time
@@ -96,7 +95,8 @@ class Dispatcher:
             self._waiters.pop(ticket, None)
             if waiter.done() and not waiter.cancelled():
                 waiter.exception()  # retrieved: a failure we were given is not "never retrieved"
-            self._apply(self.board.withdraw(ticket))  # leaves the queue, or gives back a slot granted too late
+            why = {TimeoutError: "timeout", asyncio.CancelledError: "client_gone"}.get(type(exc), "error")
+            self._apply(self.board.withdraw(ticket, reason=why))  # leaves the queue, or gives back a late slot
             if isinstance(exc, TimeoutError):
                 self._metrics.queue_drops["timeout"] += 1
                 raise errors.QueueTimeout() from None
@@ -233,7 +233,11 @@ class Dispatcher:
             and not existing.spec.drain
             and existing.spec.args_hash == target.args_hash
         ):
-            logger.info(json.dumps({"event": "instance_shared", "instance_id": name, "gateway_id": self._gateway_id}))
+            logger.info(
+                "instance %s was asked for by another gateway; waiting for it",
+                name,
+                extra={"event": "instance_shared", "instance_id": name, "gateway_id": self._gateway_id},
+            )
             return  # another replica asked first: this one waits for the same instance
         fresh = instance_name(target)  # the name belongs to a finished instance: ask under another
         self.board.rename_request(target.pool, name, fresh)
@@ -264,14 +268,16 @@ class Dispatcher:
             self._apply(self.board.create_failed(target.pool, name))
             return
         logger.info(
-            json.dumps(
-                {
-                    "event": "instance_spawn",
-                    "instance_id": name,
-                    "model": target.model,
-                    "profile": target.profile.id,
-                    "reason": reason.value,
-                    "gateway_id": self._gateway_id,
-                }
-            )
+            "asked for instance %s of %s (%s)",
+            name,
+            target.display,
+            reason.value,
+            extra={
+                "event": "instance_requested",  # the agent logs instance_spawn, with the port, when it starts
+                "instance_id": name,
+                "model": target.model,
+                "profile": target.profile.id,
+                "reason": reason.value,
+                "gateway_id": self._gateway_id,
+            },
         )

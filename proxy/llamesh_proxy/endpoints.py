@@ -119,6 +119,8 @@ async def prewarm(request: web.Request) -> web.Response:
         document = json.loads(await request.read())
     except ValueError:
         raise errors.InvalidRequest("Invalid JSON") from None
+    except RecursionError:  # e.g. 100,000 nested arrays: the decoder recurses once per level
+        raise errors.InvalidRequest("Invalid JSON: nested too deeply") from None
     requested = document.get("model") if isinstance(document, dict) else None
     if not isinstance(requested, str) or not requested:
         raise errors.InvalidRequest("Missing model field", param="model")

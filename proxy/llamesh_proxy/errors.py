@@ -197,5 +197,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         generic.error_type = "invalid_request_error" if exc.status < 500 else "internal_error"
         return generic.to_response()
     except Exception:
-        logger.exception("unexpected error while handling %s %s", request.method, request.path)
+        logger.exception(
+            "unexpected error while handling %s %s", request.method, request.path, extra={"event": "internal_error"}
+        )
         return InternalError("Internal server error").to_response()

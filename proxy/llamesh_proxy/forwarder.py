@@ -1,16 +1,20 @@
 """Relaying one request to its llama-server instance and the answer back, bytes as they are.
 
 The body goes upstream verbatim on the same path, with hop-by-hop headers, `Host`, `Content-Length` and the
-client's gateway key left out. A non-streaming answer (any status) is read whole and relayed with its
+client's gateway key left out. Rerank is the exception to "the same path": llama-server builds differ in which
+of its spellings they register, so a 404 there is retried on the others, and the one that answered is used
+for that instance from then on. A non-streaming answer (any status) is read whole and relayed with its
 status; a streaming one (`"stream": true`, 2xx) is relayed chunk by chunk as it arrives, awaiting each
 write so a slow client slows the upstream read (backpressure). SSE is not parsed: the last few chunks are
 kept by reference and searched once at the end for `usage.completion_tokens`.
 
 Failures: no answer from upstream (refused, reset, timed out) is a 502 `upstream_error`. Once a stream has
-started its status cannot change, so an upstream that dies mid-stream makes us close the client connection
-without the final chunk — the client sees a truncated stream, as it would from llama-server itself. A
-client that goes away (`ConnectionResetError` on write, or the handler cancelled) closes the upstream
-response, which makes llama-server cancel the task and free its slot.
+started its status cannot change, so for an upstream that dies mid-stream we send one last SSE event in
+OpenAI's error shape, `data: {"error": {"message", "type": "upstream_error", ...}}` (the OpenAI SDKs raise
+`APIError` on it), then close the client connection without the final chunk, so that a client that ignores
+the event still sees a truncated stream. The request counts as an error. A client that goes away
+(`ConnectionResetError` on write, or the handler cancelled) closes the upstream response, which makes
+llama-server cancel the task and free its slot.
 
 It does not choose instances or hold slots; the caller does, and releases them whatever happens here.
 """
@@ -18,7 +22,9 @@ It does not choose instances or hold slots; the caller does, and releases them w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 
@@ -46,6 +52,10 @@ REQUEST_HEADERS_DROPPED = HOP_BY_HOP | {"host", "content-length"}
 RESPONSE_HEADERS_DROPPED = HOP_BY_HOP | {"content-length", "date", "server"}
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 TAIL_CHUNKS = 4
+# The gateway answers all four; llama-server builds register some of them (older ones only /rerank and
+# /v1/rerank). Tried in this order after a 404 on the client's spelling.
+RERANK_PATHS = ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")
+MAX_REMEMBERED_INSTANCES = 1024
 TAIL_BYTES = 8192
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _PREDICTED_N = re.compile(rb'"predicted_n"\s*:\s*(\d+)')
@@ -99,6 +109,7 @@ class Forwarder:
         self._dropped = REQUEST_HEADERS_DROPPED | {name.lower() for name in credential_headers}
         self._sock_read = upstream_read_timeout_ms / 1000 if upstream_read_timeout_ms else None
         self._timeouts: dict[int, aiohttp.ClientTimeout] = {}
+        self._rerank_paths: dict[str, str] = {}  # base URL → the rerank spelling its llama-server registers
 
     async def relay(
         self,
@@ -113,14 +124,20 @@ class Forwarder:
         relay: Relay,
     ) -> web.StreamResponse:
         headers = upstream_headers(request.headers, dropped=self._dropped, api_key=api_key, request_id=request_id)
+        timeout = self._timeout(max_duration_ms)
+        rerank = request.path in RERANK_PATHS
+        path = self._rerank_paths.get(base_url, request.path) if rerank else request.path
+        query = f"?{request.query_string}" if request.query_string else ""
         try:
             upstream = await self._session.request(
                 request.method,
-                base_url + request.raw_path,
+                base_url + (path + query if rerank else request.raw_path),
                 data=body,
                 headers=headers,
-                timeout=self._timeout(max_duration_ms),
+                timeout=timeout,
             )
+            if rerank and upstream.status == 404:
+                upstream = await self._rerank_elsewhere(upstream, base_url, path, query, body, headers, timeout)
         except _UPSTREAM_FAILURES as exc:
             relay.upstream_failed = True
             if isinstance(exc, aiohttp.ClientConnectionError | ConnectionError) and not isinstance(exc, TimeoutError):
@@ -134,6 +151,31 @@ class Forwarder:
             return await self._relay_whole(upstream, request_id=request_id, relay=relay)
         finally:
             upstream.close()  # a finished body was released already; an unfinished one drops the connection
+
+    async def _rerank_elsewhere(
+        self,
+        not_found: aiohttp.ClientResponse,
+        base_url: str,
+        tried: str,
+        query: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        client_timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        """A 404 on a rerank path: this llama-server build registers other spellings. Try them in turn and
+        remember, per instance, the first one it answers; the last 404 is relayed if none works."""
+        upstream = not_found
+        for path in (p for p in RERANK_PATHS if p != tried):
+            await upstream.release()
+            upstream = await self._session.request(
+                "POST", base_url + path + query, data=body, headers=headers, timeout=client_timeout
+            )
+            if upstream.status != 404:
+                if len(self._rerank_paths) >= MAX_REMEMBERED_INSTANCES:
+                    self._rerank_paths.clear()  # ports are reused by new instances; the map never grows unbounded
+                self._rerank_paths[base_url] = path
+                break
+        return upstream
 
     async def _relay_whole(self, upstream: aiohttp.ClientResponse, *, request_id: str, relay: Relay) -> web.Response:
         try:
@@ -155,14 +197,16 @@ class Forwarder:
         response.headers["X-Request-Id"] = request_id
         tail: list[bytes] = []
         events = 0
+        failure = ""
         content = upstream.content
         try:
             await response.prepare(request)
             while True:
                 try:
                     chunk = await content.readany()
-                except _UPSTREAM_FAILURES:
+                except _UPSTREAM_FAILURES as exc:
                     relay.upstream_failed = True
+                    failure = _describe(exc)
                     break
                 if not chunk:
                     break
@@ -174,10 +218,14 @@ class Forwarder:
         except ConnectionResetError:
             relay.client_gone = True
             return response
-        relay.tokens = completion_tokens(b"".join(tail)[-TAIL_BYTES:], data_events=events)
-        if relay.upstream_failed and request.transport is not None:
-            # The status is sent; the only honest signal left is a truncated body (no final chunk).
-            request.transport.close()
+        ending = b"".join(tail)[-TAIL_BYTES:]
+        relay.tokens = completion_tokens(ending, data_events=events)
+        if relay.upstream_failed:
+            # The status is sent: what is left is an error event, then a truncated body (no final chunk).
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(stream_error_event(failure, after=ending))
+            if request.transport is not None:
+                request.transport.close()
         return response
 
     @staticmethod
@@ -193,6 +241,14 @@ class Forwarder:
             timeout = aiohttp.ClientTimeout(total=total, sock_connect=10, sock_read=self._sock_read)
             self._timeouts[max_duration_ms] = timeout
         return timeout
+
+
+def stream_error_event(failure: str, *, after: bytes) -> bytes:
+    """The SSE event that ends a stream whose upstream failed, as its own event whatever came `after`."""
+    error = errors.UpstreamError(f"Upstream error: the stream broke off ({failure})")
+    event = b"data: " + json.dumps(error.envelope()).encode() + b"\n\n"
+    at_boundary = not after or after.endswith((b"\n\n", b"\r\n\r\n"))
+    return event if at_boundary else b"\n\n" + event
 
 
 def _describe(exc: BaseException) -> str:

@@ -5,13 +5,15 @@ what shutdown needs: `start_draining()` (first SIGTERM: /readyz turns 503, new r
 one get 503 draining) and `wait_idle(timeout)` (returns once no request is in flight or queued).
 It lives in the application under `GATEWAY`; `app.create_app` builds it.
 
-No I/O happens here; the store is read by `following` and written by `dispatch` and the admin handlers.
+No I/O happens here; the store is read by `following` and written by `dispatch` and the admin handlers,
+and the counters are kept in the node's metrics file (`metrics_path`) by `metrics_file`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -23,7 +25,10 @@ VERSION = llamesh_api.__version__
 
 
 class Gateway:
-    """State of one gateway replica (`gateway_id`), running next to node `node_name`."""
+    """State of one gateway replica (`gateway_id`), running next to node `node_name`.
+
+    `metrics_path`: the node's metrics file (config.yaml's `metrics_path`, resolved as the agent resolves
+    it), where the counters outlive the process; None keeps them for the process only."""
 
     def __init__(
         self,
@@ -33,8 +38,10 @@ class Gateway:
         gateway_id: str,
         node_name: str,
         shared_slots: bool = False,
+        metrics_path: Path | None = None,
     ) -> None:
         self.config = node_config
+        self.metrics_path = metrics_path
         self.store = store
         self.gateway_id = gateway_id
         self.node_name = node_name

@@ -2,10 +2,12 @@
 
 In order (DESIGN.md "The request path"; auth already ran as middleware): refuse while draining → read the
 body within `http.request_body_limit_bytes` (413) and `http.body_read_timeout_ms` (408) → it must be a
-JSON object (400) → `model`: absent means `default_model`, present must be a non-empty string (400) →
-hop limit (400) → resolve `model[:profile]` (404) → the profile must serve this endpoint (the seed's
-404/400) → admission (a slot now, or a wait in the profile's queue: the seed's 503s) → forward → count
-and log one JSON line. Every answer carries `X-Request-Id` (the client's, or a new one).
+JSON object (400; nesting too deep for the decoder is invalid JSON too) → `model`: absent means
+`default_model`, present must be a non-empty string (400) → hop limit: `X-Llama-Mesh-Hops` is ASCII
+digits only, at most `max_hops` (400) → resolve `model[:profile]` (404) → the profile must serve this
+endpoint (the seed's 404/400) → admission (a slot now, or a wait in the profile's queue: the seed's
+503s) → forward → count and log one JSON line. Every answer carries `X-Request-Id` (the client's, or a
+new one).
 
 The body is forwarded verbatim; only a `"stream": true` sent to embeddings or rerank is removed, because
 those endpoints have no streaming form (as in the seed).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -26,6 +29,7 @@ from llamesh_proxy import catalog, errors, forwarder, gateway, metrics, requestl
 HOPS_HEADER = "X-Llama-Mesh-Hops"
 UNREACHABLE_RETRIES = 2  # attempts after the first when an instance cannot be reached at all
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; only ever seen in our log line
+_HOPS = re.compile(r"[0-9]+")  # not int(): it also takes "+1", "1_0", " 10" and non-ASCII digits
 
 
 def handler(endpoint: catalog.Capability) -> errors.Handler:
@@ -91,6 +95,10 @@ async def serve(request: web.Request, endpoint: catalog.Capability) -> web.Strea
             stats.errors += failed
             if exchange.instance is not None and not failed:
                 stats.observe(round(duration_ms), exchange.tokens)
+        if exchange.stream and exchange.instance is not None:
+            gw.metrics.observe_stream(
+                status=exchange.status, tokens=exchange.tokens, upstream_failed=exchange.upstream_failed
+            )
         requestlog.emit(exchange, duration_ms=duration_ms)
 
 
@@ -157,6 +165,8 @@ def parse_object(body: bytes) -> dict[str, Any]:
         document = json.loads(body)
     except ValueError:
         raise errors.InvalidRequest("Invalid JSON") from None
+    except RecursionError:  # e.g. 100,000 nested arrays: the decoder recurses once per level
+        raise errors.InvalidRequest("Invalid JSON: nested too deeply") from None
     if not isinstance(document, dict):
         raise errors.InvalidRequest("Request body must be a JSON object")
     return document
@@ -180,13 +190,11 @@ def check_hops(request: web.Request, *, max_hops: int) -> None:
     raw = request.headers.get(HOPS_HEADER)
     if raw is None:
         return
-    try:
-        hops = int(raw)
-    except ValueError:
-        raise errors.InvalidRequest("Invalid x-llama-mesh-hops header value") from None
-    if hops < 0:
+    if not _HOPS.fullmatch(raw):
         raise errors.InvalidRequest("Invalid x-llama-mesh-hops header value")
-    if hops > max_hops:
+    significant = raw.lstrip("0")
+    # More significant digits than max_hops has is more hops, without int() on thousands of digits.
+    if len(significant) > len(str(max_hops)) or int(significant or "0") > max_hops:
         raise errors.InvalidRequest("Too many hops (loop detected)")
 
 

@@ -6,7 +6,14 @@ Names follow the seed's `proxy_*` series. `proxy_queue_wait_total_ms` and `proxy
 seed's exact names, which prometheus-client cannot render as `counter` (it would append `_total`), so they
 are exposed untyped, as is `proxy_hash_total_latency_ms`.
 
-Counters live for the process; persisting them across restarts (the seed's metrics snapshot) is not done here.
+The cumulative counters (requests, errors, queue drops and waits, everything per args hash including the
+latency samples behind p95) outlive the process through the node's metrics file: `metrics_file` loads
+and saves them. Gauges and the **Streaming** group are per process, as in the seed. That group holds the
+seed's three series — `proxy_peer_stream_body_aborts_total` counts streams whose upstream body broke off
+mid-stream (every upstream is reached by forwarding here); skipped stream cleanups and disabled token
+counting cannot happen in this gateway (a slot is released in a `finally`, and only a stream's last
+chunks are kept for counting), so those two stay 0 — and llamesh's `proxy_stream_requests_total` and
+`proxy_stream_tokens_total` (streamed answers relayed, and the tokens they carried).
 """
 
 from __future__ import annotations
@@ -63,6 +70,17 @@ class HashStats:
         return ordered[int((len(ordered) - 1) * 0.95)]
 
 
+@dataclasses.dataclass
+class Streaming:
+    """The seed's per-process Streaming group (reset on restart, never persisted)."""
+
+    requests: int = 0
+    tokens: int = 0
+    body_aborts: int = 0  # the upstream body broke off after the answer had started
+    skipped_cleanups: int = 0  # cannot happen here (releases run in `finally`); the seed's series, kept at 0
+    token_counting_disabled: int = 0  # cannot happen here (only a stream's tail is kept); likewise
+
+
 @dataclasses.dataclass(frozen=True)
 class Live:
     """Values read from the gateway's state at scrape time rather than counted."""
@@ -86,6 +104,7 @@ class Metrics:
         self.queue_wait_total_ms = 0
         self.queue_wait_count = 0
         self.hashes: dict[str, HashStats] = {}
+        self.streaming = Streaming()
 
     def hash(self, args_hash: str, display: str) -> HashStats:
         stats = self.hashes.get(args_hash)
@@ -98,6 +117,14 @@ class Metrics:
     def observe_queue_wait(self, waited_ms: float) -> None:
         self.queue_wait_total_ms += round(waited_ms)
         self.queue_wait_count += 1
+
+    def observe_stream(self, *, status: int, tokens: int, upstream_failed: bool) -> None:
+        """A `"stream": true` request that reached an instance; only a 2xx answer was relayed as a stream."""
+        if not 200 <= status < 300:
+            return
+        self.streaming.requests += 1
+        self.streaming.tokens += tokens
+        self.streaming.body_aborts += upstream_failed
 
     def snapshot(self, live: Live) -> dict[str, Any]:
         """/metrics/json: the seed's snapshot fields."""
@@ -115,6 +142,9 @@ class Metrics:
             "queue_drops_global_limit": self.queue_drops["global_limit"],
             "queue_wait_total_ms": self.queue_wait_total_ms,
             "queue_wait_count": self.queue_wait_count,
+            "stream_requests_total": self.streaming.requests,
+            "stream_tokens_total": self.streaming.tokens,
+            "peer_stream_body_aborts_total": self.streaming.body_aborts,
             "node": live.node_gauges,
             "hash_metrics": {
                 args_hash: {
@@ -190,6 +220,8 @@ class Collector(prometheus_registry.Collector):
         )
         for name, value in live.node_gauges.items():
             yield GaugeMetricFamily(f"proxy_node_{name}", NODE_GAUGES.get(name, name), value)
+        for name, help_text, count in _streaming_series(m.streaming):
+            yield CounterMetricFamily(name, help_text, count)
         yield from self._hash_families()
 
     def _hash_families(self) -> Iterator[Metric]:
@@ -199,6 +231,24 @@ class Collector(prometheus_registry.Collector):
             for args_hash, stats in hashes.items():
                 family.add_metric([args_hash, ",".join(sorted(stats.names))], value(stats))
             yield family
+
+
+def _streaming_series(streaming: Streaming) -> list[tuple[str, str, int]]:
+    return [
+        ("proxy_stream_requests_total", "Streamed answers relayed by this process.", streaming.requests),
+        ("proxy_stream_tokens_total", "Tokens generated in streamed answers by this process.", streaming.tokens),
+        (
+            "proxy_peer_stream_body_aborts_total",
+            "Forwarded streams whose upstream body aborted mid-stream.",
+            streaming.body_aborts,
+        ),
+        ("proxy_skipped_stream_cleanups_total", "Stream cleanups skipped during shutdown.", streaming.skipped_cleanups),
+        (
+            "proxy_token_counting_disabled_total",
+            "Streams whose token counting was disabled.",
+            streaming.token_counting_disabled,
+        ),
+    ]
 
 
 def registry(metrics: Metrics, live: Callable[[], Live]) -> prometheus_registry.CollectorRegistry:

@@ -17,8 +17,9 @@ the slots this gateway holds on each instance, and one FIFO queue per pool. Rule
 - with `shared` slots (several gateway replicas in front of the same instances), this gateway may use on an
   instance only the slots it has claimed there (`set_allowance`, see `sharing`), never more than the limit.
 
-Pure: no I/O, no clock, no asyncio. Waiting, timeouts and store writes are `dispatch`'s; every method here
-returns what the caller must do (grant, fail, create) and never does it.
+Pure apart from its log records (the seed's queue_enqueue, queue_dequeue and queue_drop, each with the
+request's ticket as `token_id`): no I/O, no clock, no asyncio. Waiting, timeouts and store writes are
+`dispatch`'s; every method here returns what the caller must do (grant, fail, create) and never does it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ import collections
 import dataclasses
 import enum
 import itertools
+import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
+
+logger = logging.getLogger(__name__)
+_ROUTINE_DROPS = frozenset({"withdrawn", "client_gone", "draining", "profile_gone"})  # logged as info, not warning
 
 NameFactory = Callable[[], str]
 """Makes the name of an instance this gateway asks for (called only when one is asked for)."""
@@ -165,12 +170,29 @@ class Board:
         if pool.live == 0 and policy.max_instances == 0:
             return Rejected(RejectReason.NO_CAPACITY)
         if policy.max_queue and len(pool.queue) >= policy.max_queue:
+            _log_drop(pool_key, RejectReason.QUEUE_FULL.value, ticket=ticket, queue_length=len(pool.queue))
             return Rejected(RejectReason.QUEUE_FULL)
         if self.max_total_queue and len(self._waiting) >= self.max_total_queue:
+            _log_drop(pool_key, RejectReason.GLOBAL_LIMIT.value, ticket=ticket, queue_length=len(pool.queue))
             return Rejected(RejectReason.GLOBAL_LIMIT)
         pool.queue.append(ticket)
         self._waiting[ticket] = pool_key
-        return Queued(ticket, self._maybe_spawn(pool, name_factory))
+        spawn = self._maybe_spawn(pool, name_factory)
+        model, _, profile = pool_key.partition(":")
+        logger.info(
+            "queued for %s (%d waiting)",
+            pool_key,
+            len(pool.queue),
+            extra={
+                "event": "queue_enqueue",
+                "model": model,
+                "profile": profile,
+                "token_id": ticket,
+                "queue_length": len(pool.queue),
+                "spawn": spawn,
+            },
+        )
+        return Queued(ticket, spawn)
 
     def release(self, ticket: int) -> Changes:
         """A request that held a slot finished: the slot goes to the head of its pool's queue."""
@@ -186,11 +208,15 @@ class Board:
         pool = self._pools.get(pool_key)
         return self._grant(pool) if pool is not None else Changes()
 
-    def withdraw(self, ticket: int) -> Changes:
-        """A request gave up (timeout, disconnect, error): leave the queue, or give back a granted slot."""
+    def withdraw(self, ticket: int, *, reason: str = "withdrawn") -> Changes:
+        """A request gave up (timeout, disconnect, error): leave the queue, or give back a granted slot.
+
+        `reason` (timeout, client_gone, ...) only goes into the queue_drop line."""
         pool_key = self._waiting.pop(ticket, None)
         if pool_key is not None:
-            self._pools[pool_key].queue.remove(ticket)
+            queue = self._pools[pool_key].queue
+            queue.remove(ticket)
+            _log_drop(pool_key, reason, ticket=ticket, queue_length=len(queue))
             return Changes()
         return self.release(ticket)
 
@@ -355,6 +381,22 @@ class Board:
             pool_key = self._waiting.pop(ticket)
             self._hold(ticket, pool_key, instance)
             changes.grants.append(Grant(ticket, instance))
+            model, _, profile = pool_key.partition(":")
+            logger.info(
+                "ticket %d of %s goes to %s",
+                ticket,
+                pool_key,
+                instance,
+                extra={
+                    "event": "queue_dequeue",
+                    "model": model,
+                    "profile": profile,
+                    "token_id": ticket,
+                    "instance": instance,
+                    "queue_length": len(pool.queue),
+                    "request_id": None,  # granted from another request's (or no request's) context
+                },
+            )
         return changes
 
     def _maybe_spawn(self, pool: _Pool, name_factory: NameFactory) -> str | None:
@@ -370,6 +412,24 @@ class Board:
         changes = Changes()
         while pool.queue:
             ticket = pool.queue.popleft()
-            del self._waiting[ticket]
+            pool_key = self._waiting.pop(ticket)
             changes.failures.append(Failure(ticket, reason))
+            _log_drop(pool_key, reason.value, ticket=ticket, queue_length=len(pool.queue), own_context=False)
         return changes
+
+
+def _log_drop(pool_key: str, reason: str, *, ticket: int, queue_length: int, own_context: bool = True) -> None:
+    """The seed's queue_drop line; `own_context` is False when the request dropped is not the current one."""
+    model, _, profile = pool_key.partition(":")
+    fields: dict[str, object] = {
+        "event": "queue_drop",
+        "reason": reason,
+        "model": model,
+        "profile": profile,
+        "token_id": ticket,
+        "queue_length": queue_length,
+    }
+    if not own_context:
+        fields["request_id"] = None
+    level = logging.INFO if reason in _ROUTINE_DROPS else logging.WARNING
+    logger.log(level, "ticket %d of %s dropped: %s", ticket, pool_key, reason, extra=fields)

@@ -5,17 +5,25 @@ what an operator asks first about a request: model, profile, instance, status, d
 queued, and whether the client or the upstream gave up. The fields travel as the record's `extra` on the
 `llamesh.requests` logger; the process's JSON formatter (set up by the CLI) writes them as one line.
 
+Other lines logged while a request is handled (in its task, or in tasks it started) get its request_id
+and session_id too: creating an `Exchange` makes it the context's current request, and `RequestContext`,
+a filter the CLI installs, copies the ids onto each record until the request's line is written. A record
+that sets `request_id` itself (None included: "not this context's request") keeps its own.
+
 Counting for /metrics is `metrics`' business; this module only describes.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import uuid
 from typing import Any
 
 logger = logging.getLogger("llamesh.requests")
+
+_current: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar("llamesh_request", default=None)
 
 
 @dataclasses.dataclass
@@ -35,16 +43,44 @@ class Exchange:
     error_type: str | None = None
     client_gone: bool = False
     upstream_failed: bool = False
+    finished: bool = dataclasses.field(default=False, init=False)  # its line was written
+    _session_for_log: str | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _current.set(self)  # the handler's task (aiohttp runs each request in its own) and tasks it starts
+
+    @property
+    def session_for_log(self) -> str:
+        """The client's session id, or one UUID made up for all of this request's lines."""
+        if self.session_id:
+            return self.session_id
+        if self._session_for_log is None:
+            self._session_for_log = str(uuid.uuid4())
+        return self._session_for_log
+
+
+class RequestContext(logging.Filter):
+    """Adds the current request's request_id and session_id to a record logged while it is handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exchange = _current.get()
+        if exchange is not None and not exchange.finished:
+            fields = record.__dict__
+            if "request_id" not in fields:
+                fields["request_id"] = exchange.request_id
+                fields.setdefault("session_id", exchange.session_for_log)
+        return True
 
 
 def emit(exchange: Exchange, *, duration_ms: float) -> None:
+    exchange.finished = True  # from here on, lines of this context are no longer about this request
     if not logger.isEnabledFor(logging.INFO):
         return
     level = logging.WARNING if exchange.status >= 500 or exchange.upstream_failed else logging.INFO
     fields: dict[str, Any] = {
         "event": "request_complete",
         "request_id": exchange.request_id,
-        "session_id": exchange.session_id or str(uuid.uuid4()),
+        "session_id": exchange.session_for_log,
         "path": exchange.path,
         "model": exchange.model,
         "profile": exchange.profile,

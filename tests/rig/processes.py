@@ -5,6 +5,11 @@ the log's tail into their error messages. Children are `subprocess.Popen` object
 so a child started under one event loop can be stopped under another (session fixtures, function loops).
 On Linux a child is also killed if the test process dies, so an interrupted run leaves no server behind.
 
+Looking at processes a child started (the llama-servers under `llamesh serve` or an agent) goes through
+`descendants` and `is_alive`: a process may exit, turn into a zombie or vanish between being listed and being
+looked at, so each is looked at once, when listed (`Seen` keeps its command line), and one that is gone by
+then is left out instead of failing the test with psutil's NoSuchProcess/ZombieProcess/AccessDenied.
+
 Deliberately not here: restarts, back-off, or parsing what a child logs; that is the agent's job, and the
 agent's tests exercise the agent's own code for it.
 """
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 FAKE_LLAMA_SERVER = Path(__file__).with_name("fake_llama_server.py")
 _PR_SET_PDEATHSIG = 1
@@ -60,6 +66,65 @@ class Child:
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A process as it was when listed: its pid and command line, read once, so later looks cannot fail."""
+
+    process: psutil.Process
+    argv: tuple[str, ...]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def flag(self, name: str) -> str | None:
+        """The value after `name` on its command line (`--port`), if it was given."""
+        return self.argv[self.argv.index(name) + 1] if name in self.argv[:-1] else None
+
+    def is_alive(self) -> bool:
+        return is_alive(self.process)
+
+    def kill(self) -> None:
+        """SIGKILL, unless it is gone already."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self.process.kill()
+
+
+def is_alive(process: psutil.Process | int) -> bool:
+    """Whether it still runs: gone, or a zombie waiting to be reaped, is not running."""
+    try:
+        found = process if isinstance(process, psutil.Process) else psutil.Process(process)
+        return found.is_running() and found.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess is one too
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists; this user may only not look at it
+
+
+def descendants(pid: int, *, matching: str = "") -> list[Seen]:
+    """The running processes below `pid` whose command line contains `matching`.
+
+    One that exits, turns zombie or cannot be read while it is looked at is left out, and so is everything
+    when `pid` itself is gone: the answer is what runs now, never an exception about what just stopped.
+    """
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+    found = []
+    for process in below:
+        try:
+            with process.oneshot():
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                argv = tuple(process.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if argv and matching in " ".join(argv):
+            found.append(Seen(process, argv))
+    return found
 
 
 def free_port(host: str = "127.0.0.1") -> int:
