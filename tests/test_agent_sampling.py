@@ -4,6 +4,10 @@ Covers: RSS of a running pid, vanished pids left out; no NVML → not available 
 NVML that fails to load (a stand-in `pynvml` module whose init raises); device totals summed over GPUs,
 per-process VRAM summed over GPUs, a process listed as compute and graphics counted once, unknown
 (`None`) usage ignored, a failing device left out, NVML failing outright → unavailable; close shuts NVML down.
+Activity (for the wedge watchdog): CPU time of a running pid grows as it works, vanished pids left out;
+per-process utilization (highest smUtil per pid over all devices, each device asked only for samples newer
+than the last it gave), "not found" as a complete empty answer, a failing or unsupported device makes the
+sweep incomplete, no device answering or no NVML → not available.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 import types
 
 import pytest
@@ -27,6 +32,21 @@ class Proc:
 
 
 @dataclasses.dataclass
+class Utilization:
+    pid: int
+    timeStamp: int
+    smUtil: int
+
+
+class NvmlError(Exception):
+    """Like pynvml's NVMLError: the NVML return code in `value`."""
+
+    def __init__(self, value: int) -> None:
+        super().__init__(f"NVML error {value}")
+        self.value = value
+
+
+@dataclasses.dataclass
 class Memory:
     total: int
     used: int
@@ -40,6 +60,9 @@ class FakeNvml:
         self.broken = broken
         self.fail_count = False
         self.shut_down = False
+        # per device: its utilization samples, or an NVML return code it answers with instead
+        self.utilization: dict[int, list[Utilization] | int] = {}
+        self.utilization_asked: list[tuple[int, int]] = []  # (device, timestamp) of each query
 
     def nvmlDeviceGetCount(self) -> int:
         if self.fail_count:
@@ -63,6 +86,13 @@ class FakeNvml:
         if graphics is None:
             raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
         return graphics
+
+    def nvmlDeviceGetProcessUtilization(self, handle: int, timestamp: int) -> list[Utilization]:
+        self.utilization_asked.append((handle, timestamp))
+        answer = self.utilization.get(handle, sampling.NVML_ERROR_NOT_FOUND)
+        if isinstance(answer, int):
+            raise NvmlError(answer)
+        return [sample for sample in answer if sample.timeStamp > timestamp]
 
     def nvmlShutdown(self) -> None:
         self.shut_down = True
@@ -132,3 +162,65 @@ def test_close_shuts_nvml_down() -> None:
     sampler.close()
     sampler.close()
     assert nvml.shut_down and not sampler.has_nvml
+
+
+# --- activity -------------------------------------------------------------------------------------
+
+
+def test_cpu_time_grows_while_a_process_works_and_vanished_pids_are_left_out() -> None:
+    me = os.getpid()
+    before = sampling.cpu_seconds([me, 2**22 + 12345])
+    assert set(before) == {me}
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # burn 0.2 s of CPU
+        pass
+    after = sampling.cpu_seconds([me])
+    assert after[me] - before[me] >= 0.15
+
+
+def test_activity_without_nvml() -> None:
+    activity = sampling.Sampler(None).sample_activity([os.getpid()])
+    assert activity.gpu == sampling.GpuUtilization() and not activity.gpu.available
+    assert activity.cpu_s[os.getpid()] > 0
+
+
+def test_per_process_utilization_over_devices() -> None:
+    nvml = FakeNvml([(8 * MIB, 0, [], []), (8 * MIB, 0, [], [])])
+    nvml.utilization = {
+        0: [Utilization(7, 10, 30), Utilization(7, 20, 55), Utilization(9, 20, 0)],
+        1: [Utilization(7, 15, 40), Utilization(4242, 16, 99)],
+    }
+    sampler = sampling.Sampler(nvml)
+    sweep = sampler.sample_utilization()
+    assert sweep.available and sweep.complete
+    assert dict(sweep.sm_util) == {7: 55, 9: 0, 4242: 99}  # the highest per pid; every process, not only ours
+    assert nvml.utilization_asked == [(0, 0), (1, 0)]
+    nvml.utilization[0].append(Utilization(9, 30, 12))  # type: ignore[union-attr]
+    again = sampler.sample_utilization()
+    assert nvml.utilization_asked[2:] == [(0, 20), (1, 16)]  # only samples newer than the last sweep's
+    assert dict(again.sm_util) == {9: 12} and again.complete  # device 1 had none: "not found"
+
+
+def test_not_found_is_a_complete_empty_answer() -> None:
+    nvml = FakeNvml([(8 * MIB, 0, [], [])])
+    sweep = sampling.Sampler(nvml).sample_utilization()
+    assert sweep == sampling.GpuUtilization(available=True, complete=True, sm_util={})
+
+
+def test_a_failing_or_unsupported_device_makes_the_sweep_incomplete() -> None:
+    not_supported = 3
+    nvml = FakeNvml([(8 * MIB, 0, [], []), (8 * MIB, 0, [], [])])
+    nvml.utilization = {0: [Utilization(7, 1, 20)], 1: not_supported}
+    sweep = sampling.Sampler(nvml).sample_utilization()
+    assert sweep.available and not sweep.complete and dict(sweep.sm_util) == {7: 20}
+    lost = FakeNvml([(8 * MIB, 0, [], []), (8 * MIB, 0, [], [])], broken=1)
+    assert not sampling.Sampler(lost).sample_utilization().complete
+
+
+def test_no_device_answering_is_no_utilization() -> None:
+    nvml = FakeNvml([(8 * MIB, 0, [], [])])
+    nvml.utilization = {0: 999}
+    assert not sampling.Sampler(nvml).sample_utilization().available
+    nvml.fail_count = True
+    assert sampling.Sampler(nvml).sample_utilization() == sampling.GpuUtilization()
+    assert sampling.Sampler(FakeNvml([])).sample_utilization() == sampling.GpuUtilization(available=False)

@@ -8,6 +8,9 @@ Covered:
 - a build that fails (build error, smoke test) raises, keeps the previous binary live and shows the error
   in `status`; `ensure_binary` then falls back to the live build;
 - keep_builds removes the oldest complete builds, never the live one, and leaves incomplete folders alone;
+- roll_back points binary_path at the build the last swap replaced (not merely the newest other one), logs
+  llama_build_rollback and shows it in `status`; the rolled-back build is not swapped in again by a later
+  build (also from a fresh manager) until `force`; with no earlier build nothing changes;
 - a second build() while one runs raises BuildInProgress; the cache's file lock makes a build wait for
   another process's; cancelling a build stops the build tool's whole process group;
 - sources: local folders (git work tree or not), a git repository (branch, tag, new commits) and a PyPI
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import subprocess
 import sys
@@ -329,6 +333,58 @@ async def test_keep_builds_removes_old_builds_but_never_the_live_one(tmp_path: P
     assert reused.reused
     assert set(builds_dir.iterdir()) == {results[2].build_dir, broken_dir}
     assert progress.saw(f"removed old build {results[1].build_dir}")
+
+
+# --- rollback ---
+
+
+async def test_roll_back_returns_to_the_replaced_build_and_blocks_the_bad_one(
+    tmp_path: Path, progress: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    sources = {name: write_fake_llama(tmp_path / f"src-{name}", commit=f"{name}000000") for name in ("a", "b", "c")}
+    built = {}
+    for name in ("a", "b", "a", "c"):  # b's marker is newer than a's, but c replaced a
+        built[name] = await manager_for(tmp_path, local_settings(tmp_path, sources[name]), progress).build()
+    manager = manager_for(tmp_path, local_settings(tmp_path, sources["c"]), progress)
+    assert built["c"].swapped and live_target(manager) == built["c"].binary_path.resolve()
+
+    with caplog.at_level(logging.INFO, logger=build.__name__):
+        rollback = await manager.roll_back(reason="3 of its first 3 starts failed")
+
+    assert live_target(manager) == built["a"].binary_path.resolve()
+    assert (rollback.from_version, rollback.to_version) == ("1-c000000", "1-a000000")
+    assert (rollback.from_dir, rollback.to_dir) == (built["c"].build_dir, built["a"].build_dir)
+    status = manager.status
+    assert status.llama_cpp_version == "1-a000000"
+    assert status.last_rollback == rollback.describe() and status.last_rollback_at == rollback.at
+    assert "1-c000000 was rolled back to 1-a000000: 3 of its first 3 starts failed" in rollback.describe()
+    (record,) = [r for r in caplog.records if getattr(r, "event", None) == "llama_build_rollback"]
+    assert (record.from_version, record.to_version) == ("1-c000000", "1-a000000")  # type: ignore[attr-defined]
+
+    again = await manager_for(tmp_path, local_settings(tmp_path, sources["c"]), progress).build()  # a later check
+
+    assert (again.swapped, again.binary_path) == (False, built["a"].binary_path)
+    assert live_target(manager) == built["a"].binary_path.resolve()
+    assert progress.saw(f"{built['c'].build_dir.name} was rolled back; keeping")
+
+    forced = await manager.build(force=True)
+
+    assert forced.swapped and live_target(manager) == built["c"].binary_path.resolve()
+
+
+async def test_roll_back_without_an_earlier_build_keeps_the_live_one(
+    tmp_path: Path, good_source: Path, progress: Recorder
+) -> None:
+    manager = manager_for(tmp_path, local_settings(tmp_path, good_source), progress)
+    only = await manager.build()
+
+    with pytest.raises(build.NothingToRollBackTo, match="no earlier complete build"):
+        await manager.roll_back(reason="crashed")
+
+    assert live_target(manager) == only.binary_path.resolve()
+    assert manager.status.last_rollback is None
+    again = await manager.build()
+    assert again.reused and not again.swapped  # not marked rolled back: nothing happened
 
 
 # --- concurrency ---

@@ -9,7 +9,9 @@ injectable (a pass reads what it is given).
 Also: a lost node's instances are deleted (and reported), and a node lost again after it came back is
 reported again; an unschedulable instance is reported again when the reason changes, then bound; idle
 instances drain with their reason (Draining, once), and a full node's idle instance is evicted for another
-model (Evicting); finished instances are deleted, a failed one only after its retention; the model's
+model (Evicting); a cold-start retry's stage-2 evictions are logged with the seed's cold_oom_* events once
+(not every pass), counted in the profile status, and bounded by the drain grace; finished instances are
+deleted, a failed one only after its retention; the model's
 conditions keep their transition time and are written only when they change; an action whose object went
 away or was bound meanwhile is skipped, and a binding is never moved; the loop reconciles on a watched change
 without waiting for its timer, and lives through a pass that fails.
@@ -20,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import logging
 from collections.abc import AsyncIterator
+
+import pytest
 
 from llamesh_api import config, cookbook, resources, store
 from llamesh_operator import controller, planning
@@ -361,3 +366,48 @@ async def test_the_loop_lives_through_a_failing_pass() -> None:
         await waiting.eventually(lambda: len(recorded.events) >= 2, what="passes after the failures")
     assert calls > 2
     assert [reason for _, reason, _ in recorded.events][:2] == ["Created", "Bound"]
+
+
+async def test_cold_start_recovery_logs_the_seeds_events_once_counts_and_bounds_stage_2_by_its_grace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="llamesh_operator.controller")
+    memory, recorded = store.MemoryStore(), Recorded()
+    await memory.create(model("big"))
+    await memory.create(model("a"))
+    await ready_node(memory)
+    await instance(memory, "a-1", model_name="a", phase=resources.Phase.READY, readyAt=ago(30))
+    await instance(memory, "big-c2", model_name="big", node=None)
+    await memory.patch(
+        resources.LlamaInstance, "big-c2", {"metadata": {"annotations": {resources.COLD_START_STAGE: "2"}}}
+    )
+    loop = make(memory, recorded, drain_grace_s=1)
+    for _ in range(3):
+        await loop.reconcile_once()
+
+    def cold_events() -> list[tuple[str, object]]:
+        return [
+            (str(r.__dict__["event"]), r.__dict__.get("count"))
+            for r in caplog.records
+            if str(getattr(r, "event", "")).startswith("cold_oom")
+        ]
+
+    assert cold_events() == [("cold_oom_evict_stage2_start", 1)]  # once, not every pass
+    evicted = await memory.get(resources.LlamaInstance, "a-1")
+    assert evicted is not None and evicted.spec.drain_reason is not None
+    assert evicted.spec.drain_reason.startswith("cold_oom_stage2:")
+    assert ("a-1", "Evicting") in [(name, reason) for name, reason, _ in recorded.events]
+    big = await memory.get(resources.LlamaModel, "big")
+    assert big is not None and big.status.profiles["default"].cold_oom_evictions == 1
+    assert big.status.profiles["default"].cold_start_stage == 2
+    # still draining past the grace (1 s here; shutdown_grace_period_seconds under `llamesh serve`): deleted
+    await waiting.eventually(lambda: _reconciled_without(loop, memory, "a-1"), what="a-1 deleted after the grace")
+    await loop.reconcile_once()
+    bound = await memory.get(resources.LlamaInstance, "big-c2")
+    assert bound is not None and bound.spec.node_name == "n1"
+    assert cold_events()[-1] == ("cold_oom_evict_stage2_drain_complete", None)
+
+
+async def _reconciled_without(loop: controller.Controller, memory: store.MemoryStore, name: str) -> bool:
+    await loop.reconcile_once()
+    return name not in await names(memory)

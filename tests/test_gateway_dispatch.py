@@ -132,10 +132,19 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_leaks_no_slot() -> None:
 
 
 async def test_a_failed_start_fails_every_waiter() -> None:
+    """A cold start (no node learned its memory) is retried at recovery stages 1 and 2 (annotated for the
+    operator) while the waiters wait; the third failure in a row fails them all."""
     async with running(gs.model("m", gs.profile(max_instances=1))) as gw:
         waiters = [asyncio.create_task(gw.dispatcher.acquire(target(gw))) for _ in range(3)]
-        (name,) = await gs.eventually(lambda: gs.instance_names(gw))
-        await gs.set_phase(gw.store, name, resources.Phase.FAILED)
+        failed: list[str] = []
+        for stage in (0, 1, 2):
+            name = await gs.eventually(lambda: next((n for n in gs.instance_names(gw) if n not in failed), None))
+            instance = await gw.store.get(resources.LlamaInstance, name)
+            assert instance is not None
+            assert instance.metadata.annotations.get(resources.COLD_START_STAGE) == (str(stage) if stage else None)
+            assert not any(waiter.done() for waiter in waiters)
+            await gs.set_phase(gw.store, name, resources.Phase.FAILED)
+            failed.append(name)
         for waiter in waiters:
             with pytest.raises(errors.SpawnFailuresExhausted):
                 await asyncio.wait_for(waiter, 10)

@@ -1,7 +1,11 @@
 """The operator's pure planner: binding pending instances (readiness, per-node instance cap, memory
 guardrails with learned peaks and cookbook estimates, external VRAM), deleting instances past a profile's
-max_instances, making room by draining idle instances of other models (LRU, never busy ones or below
-min_instances), idle eviction (timeout, in-flight, min_instances), min_instances creation, retiring
+max_instances, making room by draining instances of other models (idle ones first, LRU; busy ones only past
+their eviction tenure, profile or model_defaults, 0 = none; never below min_instances; Unschedulable when
+nothing may go), bound instances counting their estimate until sampled, cold-start OOM recovery (stage 1
+drains idle instances, stage 2 everything with a grace bound, stage 3 waits for an empty node; the node is
+reserved meanwhile; counted in the profile status; a learned peak ends it), idle eviction (timeout,
+in-flight, min_instances), min_instances creation, retiring
 instances of changed / disabled / removed profiles, clearing finished instances, model status, and that
 planning is idempotent."""
 
@@ -262,3 +266,230 @@ def test_a_node_without_heartbeat_is_lost_and_its_instances_are_replaced() -> No
     # a node that never wrote a heartbeat is only not ready yet, never lost
     fresh = node("n3", ready=False)
     assert not [a for a in run(models=[m], instances=[], nodes=[fresh]) if isinstance(a, planning.NodeLost)]
+
+
+# --- eviction tenure ----------------------------------------------------------------------------
+
+
+def ready(name: str, *, of: resources.LlamaModel, served_s: float, in_flight: int = 0, idle_s: float = 0,
+          **status: object) -> resources.LlamaInstance:  # fmt: skip
+    """A READY instance on n1 that became ready `served_s` ago and last had a request `idle_s` ago."""
+    return instance(name, of=of, phase=resources.Phase.READY, node_name="n1",
+                    ready_at=NOW - datetime.timedelta(seconds=served_s),
+                    usage=used(in_flight, seconds_ago=idle_s), **status)  # fmt: skip
+
+
+def drains(actions: list[planning.Action]) -> list[str]:
+    return [action.instance for action in actions if isinstance(action, planning.Drain)]
+
+
+def test_an_idle_instance_yields_before_a_busy_one_even_when_the_busy_one_is_less_recently_used() -> None:
+    wanted, a, b = model("wanted"), model("a", min_eviction_tenure_secs=0), model("b")
+    busy = ready("busy", of=a, served_s=500, in_flight=1, idle_s=400)  # least recently used, but busy
+    idle = ready("idle", of=b, served_s=10, idle_s=1)
+    actions = run(models=[wanted, a, b], instances=[busy, idle, instance("new", of=wanted)],
+                  nodes=[node(max_instances=2)])  # fmt: skip
+    assert drains(actions) == ["idle"]
+
+
+def test_a_busy_instance_is_protected_inside_its_tenure_and_drained_after_it() -> None:
+    wanted, other = model("wanted"), model("other", min_eviction_tenure_secs=60)
+    world = [wanted, other]
+    fresh = ready("busy", of=other, served_s=30, in_flight=2)
+    actions = run(models=world, instances=[fresh, instance("new", of=wanted)], nodes=[node(max_instances=1)])
+    assert drains(actions) == [] and isinstance(actions[-1], planning.Unschedulable)
+    assert "max_instances_per_node" in actions[-1].message
+    # its own queue (a gateway's waiting requests) makes it busy too, with nothing in flight
+    queued = ready("busy", of=other, served_s=30)
+    queued.status.usage["gw"].waiting = 3
+    assert (
+        drains(run(models=world, instances=[queued, instance("new", of=wanted)], nodes=[node(max_instances=1)])) == []
+    )
+    served = ready("busy", of=other, served_s=61, in_flight=2)
+    actions = run(models=world, instances=[served, instance("new", of=wanted)], nodes=[node(max_instances=1)])
+    assert actions[0] == planning.Drain(
+        "busy", "capacity: making room for wanted:default (busy, past its eviction tenure)"
+    )
+    assert isinstance(actions[1], planning.Unschedulable) and "Waiting for room on n1" in actions[1].message
+    # once idle it yields at once, whatever its tenure
+    idle = ready("busy", of=other, served_s=1)
+    assert drains(run(models=world, instances=[idle, instance("new", of=wanted)], nodes=[node(max_instances=1)])) == [
+        "busy"
+    ]
+
+
+def test_tenure_comes_from_the_profile_else_model_defaults_and_zero_protects_nothing() -> None:
+    wanted, other = model("wanted"), model("other")  # no profile tenure: model_defaults' (15 s by default)
+    busy = ready("busy", of=other, served_s=20, in_flight=1)
+    everything = {"models": [wanted, other], "instances": [busy, instance("new", of=wanted)],
+                  "nodes": [node(max_instances=1)]}  # fmt: skip
+    assert drains(run(**everything)) == ["busy"]  # type: ignore[arg-type]
+    assert drains(run(**everything, min_eviction_tenure_secs=30)) == []  # type: ignore[arg-type]
+    assert drains(run(**everything, min_eviction_tenure_secs=0)) == ["busy"]  # type: ignore[arg-type]
+    # 0 removes the protection even for an instance whose ready time is unknown
+    unknown = instance("busy", of=other, phase=resources.Phase.READY, node_name="n1", usage=used(1, seconds_ago=0))
+    zero = model("other", min_eviction_tenure_secs=0)
+    assert drains(run(models=[wanted, zero], instances=[unknown, instance("new", of=wanted)],
+                      nodes=[node(max_instances=1)])) == ["busy"]  # fmt: skip
+    assert drains(run(models=[wanted, other], instances=[unknown, instance("new", of=wanted)],
+                      nodes=[node(max_instances=1)])) == []  # fmt: skip
+
+
+def test_nothing_evictable_leaves_the_pending_instance_unschedulable_the_same_way_every_pass() -> None:
+    wanted = model("wanted", estimated_sysmem_mb=600)
+    kept, other = model("kept", min_instances=1), model("other", min_eviction_tenure_secs=600)
+    pinned = ready("pinned", of=kept, served_s=900, peak_sysmem_mb=500)
+    busy = ready("busy", of=other, served_s=100, in_flight=1, peak_sysmem_mb=500)
+    same = ready("same", of=wanted, served_s=900)  # its own profile is never evicted for itself
+    world = {"models": [wanted, kept, other], "instances": [pinned, busy, same, instance("new", of=wanted)],
+             "nodes": [node(max_sysmem_mb=1200)]}  # fmt: skip
+    first = run(**world)  # type: ignore[arg-type]
+    assert [type(a) for a in first] == [planning.Unschedulable] and "600 MB system memory" in first[0].message
+    assert run(**world) == first  # type: ignore[arg-type]
+
+
+def test_a_bound_instance_not_yet_sampled_counts_its_estimate() -> None:
+    m, other = model("m", estimated_sysmem_mb=400), model("other", estimated_sysmem_mb=400)
+    starting = instance("starting", of=other, phase=resources.Phase.STARTING, node_name="n1")
+    actions = run(models=[m, other], instances=[starting, instance("new", of=m)], nodes=[node(max_sysmem_mb=700)])
+    assert isinstance(actions[0], planning.Unschedulable) and "300 free" in actions[0].message
+    starting.status.peak_sysmem_mb = 100  # sampled: the sample replaces the estimate
+    assert run(models=[m, other], instances=[starting, instance("new", of=m)], nodes=[node(max_sysmem_mb=700)]) == [
+        planning.Bind("new", "n1")
+    ]
+
+
+# --- cold-start OOM recovery ----------------------------------------------------------------------
+
+
+def retry(name: str, *, of: resources.LlamaModel, stage: int, age_s: float = 0) -> resources.LlamaInstance:
+    """A pending cold-start retry, as a gateway asks for one."""
+    found = instance(name, of=of, age_s=age_s)
+    found.metadata.annotations[resources.COLD_START_STAGE] = str(stage)
+    return found
+
+
+def cold_actions(actions: list[planning.Action]) -> list[planning.ColdStart]:
+    return [action for action in actions if isinstance(action, planning.ColdStart)]
+
+
+def test_cold_start_stage_1_drains_every_idle_instance_then_binds() -> None:
+    big, a, b, kept = model("big"), model("a"), model("b"), model("kept", min_instances=1)
+    idle_a = ready("idle-a", of=a, served_s=100, idle_s=50)
+    idle_kept = ready("idle-kept", of=kept, served_s=100, idle_s=5)  # stage 1 evicts min_instances ones too
+    busy_b = ready("busy-b", of=b, served_s=1, in_flight=1)
+    pending = retry("big-c1", of=big, stage=1)
+    world = [big, a, b, kept]
+    actions = run(models=world, instances=[idle_a, idle_kept, busy_b, pending], nodes=[node()])
+    reason = "cold_oom_stage1: making room for the cold start of big:default"
+    assert planning.Drain("idle-a", reason) in actions and planning.Drain("idle-kept", reason) in actions
+    assert "busy-b" not in drains(actions)
+    assert cold_actions(actions) == [planning.ColdStart("big-c1", 1, "n1", ("idle-a", "idle-kept"), 2)]
+    assert any(isinstance(a, planning.Unschedulable) and a.instance == "big-c1" for a in actions)
+    assert not any(isinstance(a, planning.Bind) for a in actions)
+    # next pass: they are draining, nothing more is drained, it still waits
+    idle_a.spec.drain = idle_kept.spec.drain = True
+    again = run(models=world, instances=[idle_a, idle_kept, busy_b, pending], nodes=[node()])
+    assert drains(again) == [] and cold_actions(again) == [planning.ColdStart("big-c1", 1, "n1", (), 2)]
+    # once they stopped it binds next to the busy one
+    idle_a.status.phase = idle_kept.status.phase = resources.Phase.STOPPED
+    bound = run(models=world, instances=[idle_a, idle_kept, busy_b, pending], nodes=[node()])
+    assert planning.Bind("big-c1", "n1") in bound
+    assert cold_actions(bound) == [planning.ColdStart("big-c1", 1, "n1", (), 0)]
+
+
+def test_cold_start_stage_2_drains_everything_and_deletes_what_outlasts_the_grace() -> None:
+    big, b, kept = model("big"), model("b", min_eviction_tenure_secs=600), model("kept", min_instances=1)
+    busy_b = ready("busy-b", of=b, served_s=1, in_flight=1)
+    pinned = ready("pinned", of=kept, served_s=100)
+    pending = retry("big-c2", of=big, stage=2)
+    world = [big, b, kept]
+    actions = run(models=world, instances=[busy_b, pinned, pending], nodes=[node()])
+    reason = "cold_oom_stage2: making room for the cold start of big:default"
+    assert set(drains(actions)) == {"busy-b", "pinned"}
+    assert planning.Drain("busy-b", reason) in actions
+    assert cold_actions(actions) == [planning.ColdStart("big-c2", 2, "n1", ("busy-b", "pinned"), 2)]
+    busy_b.spec.drain = pinned.spec.drain = True
+    pinned.status.phase = resources.Phase.STOPPED
+    # the kept profile's replacement must not take the node while the retry waits for it
+    replacement = instance("kept-new", of=kept, age_s=60)
+    waiting = run(models=world, instances=[busy_b, pinned, pending, replacement], nodes=[node()])
+    assert not any(isinstance(a, planning.Bind) for a in waiting)
+    assert cold_actions(waiting) == [planning.ColdStart("big-c2", 2, "n1", (), 1)]
+    unschedulable = {a.instance: a.message for a in waiting if isinstance(a, planning.Unschedulable)}
+    assert "reserved for the cold start of big-c2" in unschedulable["kept-new"]
+    # past the grace period the one still draining is deleted (its agent stops the process)
+    late = retry("big-c2", of=big, stage=2, age_s=31)
+    deleted = run(models=world, instances=[busy_b, pinned, late], nodes=[node()])
+    assert planning.Delete("busy-b", "cold_oom_stage2: not drained within 30 s") in deleted
+    busy_b.status.phase = resources.Phase.STOPPED
+    done = run(models=world, instances=[busy_b, pinned, pending, replacement], nodes=[node()])
+    assert planning.Bind("big-c2", "n1") in done and cold_actions(done)[0].remaining == 0
+    assert not any(isinstance(a, planning.Bind) and a.instance == "kept-new" for a in done)
+    # while the retry starts, the node stays reserved; once it is READY the others may come back
+    pending.spec.node_name, pending.status.phase = "n1", resources.Phase.STARTING
+    starting = run(models=world, instances=[pending, replacement], nodes=[node()])
+    assert not any(isinstance(a, planning.Bind) for a in starting)
+    pending.status.phase = resources.Phase.READY
+    assert planning.Bind("kept-new", "n1") in run(models=world, instances=[pending, replacement], nodes=[node()])
+
+
+def test_cold_start_stage_3_evicts_nothing_and_waits_for_an_empty_node() -> None:
+    big, a = model("big"), model("a")
+    idle = ready("idle", of=a, served_s=100, idle_s=100)
+    pending = retry("big-c3", of=big, stage=3)
+    actions = run(models=[big, a], instances=[idle, pending], nodes=[node()])
+    assert drains(actions) == [] and cold_actions(actions) == [planning.ColdStart("big-c3", 3, "n1", (), 1)]
+    assert any(isinstance(a, planning.Unschedulable) and "an empty node" in a.message for a in actions)
+    idle.status.phase = resources.Phase.STOPPED
+    assert planning.Bind("big-c3", "n1") in run(models=[big, a], instances=[idle, pending], nodes=[node()])
+
+
+def test_cold_start_stages_run_in_order_and_are_counted_in_the_profile_status() -> None:
+    big, a, b = model("big"), model("a"), model("b")
+    idle = ready("idle", of=a, served_s=100, idle_s=100)
+    busy = ready("busy", of=b, served_s=1, in_flight=1)
+    nodes = [node()]
+
+    def plan_with_status(instances: list[resources.LlamaInstance]) -> list[planning.Action]:
+        world = planning.World(models=[big, a, b], instances=instances, nodes=nodes, defaults=config.ModelDefaults())
+        actions = planning.plan(world, now=NOW)
+        for action in actions:  # the controller's status writes
+            if isinstance(action, planning.SetModelStatus):
+                next(m for m in (big, a, b) if m.name == action.model).status = action.status
+        return actions
+
+    stage1 = plan_with_status([idle, busy, retry("big-c1", of=big, stage=1)])
+    assert drains(stage1) == ["idle"]
+    assert (big.status.profiles["default"].cold_start_stage, big.status.profiles["default"].cold_oom_evictions) == (
+        1,
+        1,
+    )
+    idle.spec.drain = True  # the controller applied the drain: the next pass counts nothing more
+    assert drains(plan_with_status([idle, busy, retry("big-c1", of=big, stage=1)])) == []
+    assert big.status.profiles["default"].cold_oom_evictions == 1
+    idle.status.phase = resources.Phase.STOPPED
+    assert planning.Bind("big-c1", "n1") in plan_with_status([idle, busy, retry("big-c1", of=big, stage=1)])
+    # stage 1's retry failed too: stage 2 drains the busy one
+    failed = retry("big-c1", of=big, stage=1)
+    failed.spec.node_name, failed.status.phase = "n1", resources.Phase.FAILED
+    failed.status.stopped_at = NOW
+    stage2 = plan_with_status([busy, failed, retry("big-c2", of=big, stage=2)])
+    assert drains(stage2) == ["busy"]
+    assert (big.status.profiles["default"].cold_start_stage, big.status.profiles["default"].cold_oom_evictions) == (
+        2,
+        2,
+    )
+    # the same world again changes nothing more (the count is not taken twice)
+    busy.spec.drain = True
+    plan_with_status([busy, failed, retry("big-c2", of=big, stage=2)])
+    assert big.status.profiles["default"].cold_oom_evictions == 2
+
+
+def test_a_learned_peak_ends_cold_start_recovery_for_its_args_hash() -> None:
+    big, a = model("big"), model("a")
+    idle = ready("idle", of=a, served_s=100, idle_s=100)
+    n = node()
+    n.status.learned[big.spec.profiles[0].args_hash()] = resources.Learned(peak_sysmem_mb=100)
+    actions = run(models=[big, a], instances=[idle, retry("big-c2", of=big, stage=2)], nodes=[n])
+    assert actions == [planning.Bind("big-c2", "n1")]

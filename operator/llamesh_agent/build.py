@@ -7,6 +7,12 @@ then swaps the `binary_path` symlink atomically. A finished build folder carries
 rebuilt unless forced, so a restart with the same revision and flags costs seconds; complete folders beyond
 `keep_builds` are removed, never the one the live symlink resolves to.
 
+`roll_back` points `binary_path` at the build it replaced again (the one recorded at the last swap, else the
+newest other complete build that passes its smoke test) and marks the build it leaves as rolled back: a
+later `build()` of that same folder (same revision and flags) keeps the live binary instead of swapping it
+in again, until a new revision comes or a build is forced. Both facts live in `rollbacks.json`, so they
+survive restarts and the pruning of build folders.
+
 Layout under `cache_dir`:
 
     downloads/                          sdists fetched by `pip download`
@@ -15,14 +21,18 @@ Layout under `cache_dir`:
     builds/<revision>-<sha8 of flags>/  one CMake build folder each; bin/llama-server inside
     ccache/                             the compiler cache shared by all build folders
     build.lock                          held while a build runs, so two processes never build at once
+    rollbacks.json                      the build the last swap replaced, and the builds rolled back
 
 Each attempt logs the seed's `llama_build_start` (branch, commit) when it compiles, then
 `llama_build_success` (commit, binary_path; `reused` when no compiler ran) or `llama_build_failure`
-(error); step-by-step progress goes to the `progress` callback. Rebuilds run while the gateway serves on the
-same event loop, so every file lookup (markers, symlinks, sdists, source folders) runs in a worker thread.
+(error), and a rollback `llama_build_rollback` (from/to versions and folders, reason); step-by-step progress
+goes to the `progress` callback. Rebuilds run while the gateway serves on the
+same event loop, so every file lookup (markers, symlinks, sdists, source folders) runs in a worker thread;
+only the rename that swaps binary_path runs on the loop, together with the status's version change.
 
-It deliberately does not schedule update checks, retry failed builds, or drain running instances after a
-swap: the caller does, using `BuildResult.swapped` and `BuildManager.status`.
+It deliberately does not schedule update checks, retry failed builds, decide when a binary is bad enough to
+roll back, or drain running instances after a swap: the caller does (`updates`, the operator's planner),
+using `BuildResult.swapped` and `BuildManager.status`.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from llamesh_api import config
 
 log = logging.getLogger(__name__)
 MARKER_NAME = ".llamesh-build.json"
+ROLLBACKS_NAME = "rollbacks.json"
 CONFIGURE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DLLAMA_BUILD_TESTS=OFF",
@@ -83,6 +94,10 @@ class SmokeTestFailed(BuildError):
     """The binary does not answer `--version` and `--help` the way llama-server does."""
 
 
+class NothingToRollBackTo(BuildError):
+    """No complete earlier build passes its smoke test, so the live binary stays."""
+
+
 class Progress(Protocol):
     def __call__(self, message: str, /) -> None: ...
 
@@ -96,11 +111,31 @@ class BuildResult:
     swapped: bool = False  # the binary_path symlink now points somewhere new: drain running instances
 
 
+@dataclasses.dataclass(frozen=True)
+class Rollback:
+    """`binary_path` was pointed back from a bad build to an earlier one."""
+
+    from_version: str
+    to_version: str
+    from_dir: Path
+    to_dir: Path
+    reason: str
+    at: datetime.datetime
+
+    def describe(self) -> str:
+        return (
+            f"llama.cpp {self.from_version} was rolled back to {self.to_version}: {self.reason}; "
+            f"its build {self.from_dir.name} is not swapped in again until a new revision or a forced rebuild"
+        )
+
+
 class BuildStatusDict(TypedDict):
     is_building: bool
     last_build_error: str | None
     last_build_at: str | None  # ISO 8601, UTC
     llama_cpp_version: str | None
+    last_rollback: str | None
+    last_rollback_at: str | None  # ISO 8601, UTC
 
 
 @dataclasses.dataclass
@@ -109,6 +144,8 @@ class BuildStatus:
     last_build_error: str | None = None
     last_build_at: datetime.datetime | None = None  # when the last build attempt ended, either way
     llama_cpp_version: str | None = None  # of the binary binary_path points at
+    last_rollback: str | None = None  # `Rollback.describe()` of the last rollback by this manager
+    last_rollback_at: datetime.datetime | None = None
 
     def to_dict(self) -> BuildStatusDict:
         return {
@@ -116,6 +153,8 @@ class BuildStatus:
             "last_build_error": self.last_build_error,
             "last_build_at": self.last_build_at.isoformat() if self.last_build_at else None,
             "llama_cpp_version": self.llama_cpp_version,
+            "last_rollback": self.last_rollback,
+            "last_rollback_at": self.last_rollback_at.isoformat() if self.last_rollback_at else None,
         }
 
 
@@ -167,6 +206,7 @@ class BuildManager:
         self._progress: Progress = progress or _print_progress
         self._cache_dir = config.resolve_path(settings.cache_dir, base_dir=base_dir).absolute()
         self._binary_path = config.resolve_path(settings.binary_path, base_dir=base_dir).absolute()
+        self._rollbacks_path = self._cache_dir / ROLLBACKS_NAME
         self._status = BuildStatus()
         self._lock = asyncio.Lock()
 
@@ -207,6 +247,63 @@ class BuildManager:
                     raise
                 self._say(f"keeping the live binary {live.binary_path} after the failed build")
                 return live
+
+    async def roll_back(self, *, reason: str) -> Rollback:
+        """Point binary_path back at the build the live one replaced, and mark the live one as rolled back.
+
+        The target is the build recorded at the last swap, else the newest other complete build; it must
+        pass its smoke test. Raises `NothingToRollBackTo` (the live binary stays) when there is none, and
+        waits for a build already running.
+        """
+        async with self._lock:
+            try:
+                async with _exclusive(self._cache_dir / "build.lock", say=self._say):
+                    rollback = await self._roll_back_locked(reason)
+            except OSError as exc:
+                raise BuildError(f"rolling back llama-server under {self._cache_dir} failed: {exc}") from exc
+        self._status.llama_cpp_version = rollback.to_version
+        self._status.last_rollback, self._status.last_rollback_at = rollback.describe(), rollback.at
+        log.warning(
+            "%s",
+            rollback.describe(),
+            extra={
+                "event": "llama_build_rollback",
+                "from_version": rollback.from_version,
+                "to_version": rollback.to_version,
+                "from_build_dir": str(rollback.from_dir),
+                "to_build_dir": str(rollback.to_dir),
+                "reason": reason,
+            },
+        )
+        return rollback
+
+    async def _roll_back_locked(self, reason: str) -> Rollback:
+        live = await asyncio.to_thread(_live_complete_binary, self._binary_path)
+        if live is None:
+            raise NothingToRollBackTo(f"binary_path {self._binary_path} is not a llamesh build; nothing to roll back")
+        bad_dir = live.parent.parent
+        records = await asyncio.to_thread(_Rollbacks.load, self._rollbacks_path)
+        for candidate in await asyncio.to_thread(_rollback_candidates, bad_dir, records):
+            binary = candidate / "bin" / "llama-server"
+            try:
+                version = await self._smoke_test(binary)
+            except SmokeTestFailed as exc:
+                self._say(f"not rolling back to {candidate}: {exc}")
+                continue
+            bad_version = await asyncio.to_thread(_marker_version, bad_dir)
+            await self._swap(binary, version=version)
+            now = datetime.datetime.now(datetime.UTC)
+            records.rejected[bad_dir.name] = {"llama_cpp_version": bad_version, "reason": reason, "at": now.isoformat()}
+            records.previous = None
+            await asyncio.to_thread(records.save, self._rollbacks_path)
+            self._say(f"rolled back: binary_path -> {binary} ({bad_dir.name} is marked rolled back)")
+            return Rollback(
+                from_version=bad_version, to_version=version, from_dir=bad_dir, to_dir=candidate, reason=reason, at=now
+            )
+        raise NothingToRollBackTo(
+            f"no earlier complete build in {bad_dir.parent} passes its smoke test, so {bad_dir.name} stays live; "
+            f"llama_cpp.keep_builds ({self._settings.keep_builds}) keeps earlier builds for rollback"
+        )
 
     async def _attempt(self, *, force: bool) -> BuildResult:
         self._status.is_building = True
@@ -254,6 +351,8 @@ class BuildManager:
         flags = [*configure_args, "--", *tool_args]  # parallelism does not change the binary
         build_dir = self._cache_dir / "builds" / build_dir_name(source.revision, flags)
         binary, marker = build_dir / "bin" / "llama-server", build_dir / MARKER_NAME
+        if (kept := await self._unless_rolled_back(build_dir, force=force)) is not None:
+            return kept
 
         version = None
         if not force and await asyncio.to_thread(_is_complete, marker, binary):
@@ -283,8 +382,11 @@ class BuildManager:
             await asyncio.to_thread(_write_marker, marker, revision=source.revision, version=version, flags=flags)
         self._say(f"smoke test ok: version {version}")
 
-        swapped = await asyncio.to_thread(_point_symlink, self._binary_path, binary)
+        replaced = await asyncio.to_thread(_live_complete_binary, self._binary_path)
+        swapped = await self._swap(binary, version=version)
         self._say(f"binary_path -> {binary}" if swapped else f"binary_path already points at {binary}")
+        if swapped:
+            await asyncio.to_thread(_record_swap, self._rollbacks_path, replaced=replaced, build_dir=build_dir)
         keep = self._settings.keep_builds
         try:
             for removed in await asyncio.to_thread(_prune, build_dir.parent, keep=keep, live=self._binary_path):
@@ -294,6 +396,40 @@ class BuildManager:
         return BuildResult(
             binary_path=binary, build_dir=build_dir, llama_cpp_version=version, reused=reused, swapped=swapped
         )
+
+    async def _swap(self, binary: Path, *, version: str) -> bool:
+        """Point binary_path at `binary`; False when it already resolves there.
+
+        The rename that swaps the link and the status's version change happen together on the loop (the
+        rename is one syscall), so an instance the agent starts meanwhile never runs one binary labelled with
+        the other's version.
+        """
+        partial = await asyncio.to_thread(_prepare_symlink, self._binary_path, binary)
+        if partial is None:
+            return False
+        os.replace(partial, self._binary_path)
+        self._status.llama_cpp_version = version
+        return True
+
+    async def _unless_rolled_back(self, build_dir: Path, *, force: bool) -> BuildResult | None:
+        """The live build, kept, when `build_dir` was rolled back (unless `force` clears that mark); else None."""
+        records = await asyncio.to_thread(_Rollbacks.load, self._rollbacks_path)
+        rejected = records.rejected.get(build_dir.name)
+        if rejected is None:
+            return None
+        if force:
+            del records.rejected[build_dir.name]
+            await asyncio.to_thread(records.save, self._rollbacks_path)
+            self._say(f"a forced build clears the rollback mark of {build_dir.name}")
+            return None
+        live = await self._live_build()
+        if live is None:
+            raise BuildError(
+                f"the build {build_dir.name} was rolled back ({rejected.get('reason')}) and there is no other live "
+                "build; wait for a new llama.cpp revision or force a rebuild"
+            )
+        self._say(f"{build_dir.name} was rolled back; keeping {live.binary_path} until a new revision")
+        return live
 
     def _branch(self) -> str:
         """What the configured source follows: the git branch, the PyPI requirement, or the local folder."""
@@ -546,6 +682,66 @@ def _live_complete_binary(link: Path) -> Path | None:
     return binary if complete else None
 
 
+@dataclasses.dataclass
+class _Rollbacks:
+    """`rollbacks.json`: the build the last swap replaced, and the builds rolled back (by folder name)."""
+
+    previous: str | None = None
+    rejected: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> _Rollbacks:
+        try:
+            document = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as exc:  # a damaged file must not stop builds; it is written again
+            log.warning("ignoring %s: %s", path, exc, extra={"event": "llama_build_rollbacks_unreadable"})
+            return cls()
+        previous = document.get("previous") if isinstance(document, dict) else None
+        rejected = document.get("rejected") if isinstance(document, dict) else None
+        return cls(
+            previous=previous if isinstance(previous, str) else None,
+            rejected={str(k): dict(v) for k, v in rejected.items() if isinstance(v, dict)}
+            if isinstance(rejected, dict)
+            else {},
+        )
+
+    def save(self, path: Path) -> None:
+        partial = path.with_name(f"{path.name}.partial")
+        partial.write_text(json.dumps({"previous": self.previous, "rejected": self.rejected}, indent=2) + "\n")
+        os.replace(partial, path)
+
+
+def _record_swap(path: Path, *, replaced: Path | None, build_dir: Path) -> None:
+    """Remember the build a swap replaced: the first choice of a later rollback."""
+    records = _Rollbacks.load(path)
+    previous = replaced.parent.parent if replaced is not None else None
+    records.previous = previous.name if previous is not None and previous != build_dir else None
+    records.save(path)
+
+
+def _rollback_candidates(bad_dir: Path, records: _Rollbacks) -> list[Path]:
+    """Complete builds beside `bad_dir` that were never rolled back: the recorded previous one, then newest first."""
+    complete = [
+        folder
+        for folder in bad_dir.parent.iterdir()
+        if folder != bad_dir
+        and folder.name not in records.rejected
+        and _is_complete(folder / MARKER_NAME, folder / "bin" / "llama-server")
+    ]
+    complete.sort(key=lambda folder: (folder.name != records.previous, -(folder / MARKER_NAME).stat().st_mtime))
+    return complete
+
+
+def _marker_version(build_dir: Path) -> str:
+    try:
+        version = json.loads((build_dir / MARKER_NAME).read_text()).get("llama_cpp_version")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return version if isinstance(version, str) else "unknown"
+
+
 def _find_subdir(root: Path, subdir: str) -> Path | None:
     """llama.cpp's folder in an extracted sdist: `<root>/<name>-<version>/<subdir>`."""
     tops = root.iterdir() if root.is_dir() else []
@@ -573,10 +769,10 @@ def _write_marker(marker: Path, *, revision: str, version: str, flags: list[str]
     os.replace(partial, marker)
 
 
-def _point_symlink(link: Path, target: Path) -> bool:
-    """Make `link` a symlink to `target` in one step; False when it already resolves there."""
+def _prepare_symlink(link: Path, target: Path) -> Path | None:
+    """A symlink to `target` beside `link`, for `os.replace` to swap in; None when `link` resolves there already."""
     if link.is_symlink() and link.resolve() == target.resolve():
-        return False
+        return None
     if link.exists() and not link.is_symlink():
         raise BuildError(
             f"binary_path {link} is a real file, not the symlink llamesh manages; move it away, or set "
@@ -586,8 +782,7 @@ def _point_symlink(link: Path, target: Path) -> bool:
     partial = link.with_name(f".{link.name}.{os.getpid()}.partial")
     partial.unlink(missing_ok=True)
     os.symlink(target, partial)
-    os.replace(partial, link)
-    return True
+    return partial
 
 
 def _prune(builds_dir: Path, *, keep: int, live: Path) -> list[Path]:

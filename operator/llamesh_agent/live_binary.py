@@ -6,7 +6,8 @@ out once: `Rebuilds.request` starts one when `spec.rebuild_requests` is ahead of
 build runs (one already running, started by anyone, is waited out and the request handled after it). A
 failed rebuild counts as handled and is not retried, as in the seed; the build manager records its error.
 Whether a swapped binary drains running instances is not decided here: instances carry the version they
-started with, and the operator compares it with the node's.
+started with, and the operator compares it with the node's. Scheduled update checks and the rollback of a
+bad new binary are `updates`'s.
 """
 
 from __future__ import annotations

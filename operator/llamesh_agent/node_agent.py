@@ -5,8 +5,18 @@ LlamaNode into local caches and, on every change and at least every `reconcile_i
 `plan.plan` compare them with the processes it runs; `InstanceRunner`s carry out starts and stops and write
 instance status. Beside that loop: a heartbeat that publishes LlamaNode status (capacity from config.yaml,
 the live binary and its build status, GPU telemetry, memory in use, learned data), a sampler that records
-peak memory per instance and per args hash (persisted in the node's metrics JSON), and rebuilds of
-llama.cpp when `spec.rebuild_requests` runs ahead of `status.rebuilds_handled`.
+peak memory per instance and per args hash (persisted in the node's metrics JSON), rebuilds of
+llama.cpp when `spec.rebuild_requests` runs ahead of `status.rebuilds_handled`, and `updates`: scheduled
+update checks (`llama_cpp.auto_update_interval_seconds`) and the rollback of a new binary whose first
+instances fail, judged from the instances each pass sees.
+
+The wedge watchdog (`wedge_detector.enabled`, off by default) runs beside them: every `sample_interval_ms`
+it samples each Ready (or draining) instance's llama-server pid — CPU time, NVML per-process utilization —
+and whether some gateway reports a request of it in flight, and lets `wedge.Judge` decide. A wedged
+instance gets an `instance_wedged` warning and is stopped (instance_terminate reason `wedged`) by SIGKILL
+to its pid, as an operator would kill it: its stuck requests then fail through the gateway's normal
+upstream error path, and the next request gets a fresh instance. Kills are counted in LlamaNode
+`status.wedged_instances_killed`, continuing from the count the agent finds at startup.
 
 Nothing here blocks the event loop: file reads and writes, stats and NVML run in worker threads, children
 are asyncio subprocesses and their output is written by `childlog`'s thread. Actions are carried out one
@@ -25,12 +35,13 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llamesh_agent import instance_runner, learned, live_binary, node_status, plan, ports, sampling
+from llamesh_agent import instance_runner, learned, live_binary, node_status, plan, ports, sampling, updates, wedge
 from llamesh_api import config, informer, resources, writes
 from llamesh_api import store as store_api  # `store` is NodeAgent's parameter, as the callers spell it
 
@@ -112,6 +123,12 @@ class NodeAgent:
         self._save_lock = asyncio.Lock()
         self._background: list[asyncio.Task[None]] = []
         self._rebuilds = live_binary.Rebuilds(binary, on_change=self._publish_soon.set)
+        llama_cpp = node_config.llama_cpp
+        self._updates = updates.Updates(
+            binary,
+            interval_s=llama_cpp.auto_update_interval_seconds if llama_cpp.enabled else 0,
+            on_change=self._publish_soon.set,
+        )
         self._usage = sampling.Sample(sysmem_mb={}, gpu=sampling.GpuSample())
         self._shutting_down = False
         self._heartbeat_tried_at: float | None = None  # time.monotonic() of the last heartbeat attempt
@@ -119,6 +136,11 @@ class NodeAgent:
         self._binary_present = False  # as the last heartbeat saw it (a stat, so never on the loop)
         self._stopping = False
         self._stopped = asyncio.Event()
+        watchdog = node_config.wedge_detector
+        self._judge = (
+            wedge.Judge(window_s=watchdog.window_ms / 1000, cpu_only=watchdog.cpu_only) if watchdog.enabled else None
+        )
+        self.wedged_instances_killed = 0  # over the node's life: counting on from what its LlamaNode says
         self.reconcile_passes = 0  # passes run so far: tests wait for passes instead of guessing with sleeps
 
     # --- public -----------------------------------------------------------------------------------
@@ -132,6 +154,11 @@ class NodeAgent:
         return self._runners.get(instance)
 
     @property
+    def wedge_judge(self) -> wedge.Judge | None:
+        """The wedge watchdog's judge, None when `wedge_detector` is off (for diagnostics and tests)."""
+        return self._judge
+
+    @property
     def finished_uids(self) -> frozenset[str]:
         """Uids of instances whose process ended here and that the store still lists (for tests)."""
         return frozenset(self._finished_uids)
@@ -141,6 +168,10 @@ class NodeAgent:
         await asyncio.to_thread(self._learned.load)
         if self._sampler is None:
             self._sampler = await asyncio.to_thread(sampling.Sampler.probe)
+        if self._judge is not None:  # count on from the node's count (a report never lowers it: no read otherwise)
+            published = await self._store.get(resources.LlamaNode, self.node_name)
+            if published is not None:
+                self.wedged_instances_killed = published.status.wedged_instances_killed
         await self._publish_node()
         self._background = [
             asyncio.create_task(self._instance_informer.run(), name="agent-watch-instances"),
@@ -148,7 +179,10 @@ class NodeAgent:
             asyncio.create_task(self._node_informer.run(), name="agent-watch-node"),
             asyncio.create_task(self._heartbeat(), name="agent-heartbeat"),
             asyncio.create_task(self._sample_loop(), name="agent-sampler"),
+            asyncio.create_task(self._updates.run(), name="agent-updates"),
         ]
+        if self._judge is not None:
+            self._background.append(asyncio.create_task(self._wedge_loop(self._judge), name="agent-wedge-watchdog"))
         try:
             while not self._shutting_down:
                 self._wake.clear()
@@ -184,6 +218,7 @@ class NodeAgent:
         self._forget_finished()
         if self._node is not None and not self._shutting_down:
             self._rebuilds.request(self._node)
+        self._updates.observe(self._instances.values(), node_name=self.node_name, now=store_api.utcnow())
 
     def _forget_finished(self) -> None:
         """Keep only the finished uids the store still lists: a deleted instance's uid never comes back."""
@@ -316,6 +351,7 @@ class NodeAgent:
             runner.request_stop(reason, publish=True, cause=cause)
         await asyncio.gather(*self._runner_tasks.values(), return_exceptions=True)
         await self._rebuilds.close()
+        await self._updates.close()
         with contextlib.suppress(Exception):
             await self._publish_node()
         with contextlib.suppress(OSError):
@@ -403,6 +439,9 @@ class NodeAgent:
             rebuilds_handled=self._rebuilds.handled,
             learned=self._learned.published(build.llama_cpp_version),
             heartbeat_at=store_api.utcnow(),
+            wedged_instances_killed=self.wedged_instances_killed,
+            last_rollback=self._updates.last_rollback,
+            last_rollback_at=self._updates.last_rollback_at,
         )
         await node_status.publish(self._store, self.node_name, report)
 
@@ -437,13 +476,81 @@ class NodeAgent:
                 continue  # it exited between listing and sampling
             sysmem, vram = sample.sysmem_mb[pid], sample.vram_mb(pid)
             await runner.observe_memory(sysmem_mb=sysmem, vram_mb=vram)
-            if self._learned.learn_peaks(
+            # only a start that became ready teaches its args' memory (a failed cold start's partial sample
+            # would pass for a learned peak and end its cold-start OOM recovery)
+            if runner.stage is plan.Stage.READY and self._learned.learn_peaks(
                 runner.args_hash, display_name=runner.display_name, sysmem_mb=sysmem, vram_mb=vram
             ):
                 self._learned_dirty = True
         if self._learned_dirty:
             self._learned_dirty = False
             await self._save_learned()
+        self._publish_soon.set()
+
+    # --- the wedge watchdog ------------------------------------------------------------------------
+
+    async def _wedge_loop(self, judge: wedge.Judge) -> None:
+        interval_s = self._config.wedge_detector.sample_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self._wedge_sweep(judge)
+            except Exception:
+                log.exception("the wedge watchdog's sweep failed; trying again", extra={"event": "wedge_sweep_failed"})
+
+    async def _wedge_sweep(self, judge: wedge.Judge) -> None:
+        sampler = self._sampler
+        if sampler is None:
+            return
+        serving = {
+            name: pid
+            for name, runner in self._runners.items()
+            if runner.stage is plan.Stage.READY and (pid := runner.pid) is not None
+        }
+        activity = await asyncio.to_thread(sampler.sample_activity, serving.values())
+        samples = [
+            wedge.Sample(instance=name, pid=pid, cpu_s=activity.cpu_s.get(pid), holding_slot=self._holds_slot(name))
+            for name, pid in serving.items()
+        ]
+        for verdict in judge.observe(now=time.monotonic(), samples=samples, gpu=activity.gpu):
+            runner = self._runners.get(verdict.instance)
+            if runner is not None and runner.stage is plan.Stage.READY and runner.pid == verdict.pid:
+                self._kill_wedged(runner, verdict)
+
+    def _holds_slot(self, name: str) -> bool:
+        """Whether some gateway reports a request of the instance in flight (they publish about once a second)."""
+        instance = self._instances.get(name)
+        return instance is not None and instance.status.in_flight > 0
+
+    def _kill_wedged(self, runner: instance_runner.InstanceRunner, verdict: wedge.Wedged) -> None:
+        gpu = "no GPU reading" if verdict.gpu_sm_util is None else f"GPU {verdict.gpu_sm_util}%"
+        reason = (
+            f"wedged: held a slot for {verdict.flat_for_s:.1f} s using {verdict.cpu_used_s:.2f} s of CPU "
+            f"({gpu}); killed pid {verdict.pid}"
+        )
+        instance = self._instances.get(runner.name)
+        log.warning(
+            "instance %s (%s): %s",
+            runner.name,
+            runner.display_name,
+            reason,
+            extra={
+                "event": "instance_wedged",
+                "instance_id": runner.name,
+                "model": instance.spec.model if instance is not None else None,
+                "pid": verdict.pid,
+                "flat_for_s": round(verdict.flat_for_s, 3),
+                "cpu_used_s": round(verdict.cpu_used_s, 3),
+                "gpu_sm_util": verdict.gpu_sm_util,
+            },
+        )
+        self.wedged_instances_killed += 1
+        # The stop first, so the supervisor takes the exit for a stop (instance_terminate reason "wedged"),
+        # not a crash; then SIGKILL at once, as an operator killing the PID would: a wedged process may
+        # not honour SIGTERM, and nothing it holds is worth a grace period.
+        runner.request_stop(reason, publish=True, cause="wedged")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(verdict.pid, signal.SIGKILL)
         self._publish_soon.set()
 
     async def _save_learned(self) -> None:

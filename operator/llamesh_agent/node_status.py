@@ -9,12 +9,16 @@
 - `binary_path`, `llama_cpp_version`: the live binary and its version (None while there is none);
 - `is_building`, `last_build_error`, `last_build_at`: the build manager's state (a rebuild the agent runs
   counts as building; a rebuild error the build manager did not record is shown here);
+- `last_rollback`, `last_rollback_at`: the last automatic rollback of a new build (`updates`), described;
+  kept until the next one, across agent restarts;
 - `gpu_telemetry_available`, `device_vram_total_mb`, `device_vram_used_mb`: NVML's device totals at the last
   sample (False and zeros without NVML);
 - `llamesh_vram_mb`, `llamesh_sysmem_mb`: VRAM and resident memory of this agent's llama-server processes at
   the last sample;
 - `active_instances`: instances this agent runs now (starting, ready or stopping);
 - `rebuilds_handled`: how many of `spec.rebuild_requests` have been carried out (never goes down);
+- `wedged_instances_killed`: instances the wedge watchdog killed on this node, over the node's life (the
+  agent starts from the count it finds; never goes down);
 - `learned`: per args hash, what the node learned (parsed params withheld when another llama.cpp produced
   them; peak memory);
 - `heartbeat_at`: when this was written.
@@ -51,6 +55,9 @@ class NodeReport:
     rebuilds_handled: int | None  # None: none carried out by this agent yet
     learned: dict[str, resources.Learned]
     heartbeat_at: datetime.datetime
+    wedged_instances_killed: int = 0
+    last_rollback: str | None = None
+    last_rollback_at: datetime.datetime | None = None
 
 
 def apply_spec(node: resources.LlamaNode, report: NodeReport) -> None:
@@ -70,6 +77,8 @@ def apply(node: resources.LlamaNode, report: NodeReport) -> None:
     status.is_building = report.is_building
     status.last_build_error = report.last_build_error
     status.last_build_at = report.last_build_at
+    if report.last_rollback is not None:  # kept across agent restarts until the next rollback
+        status.last_rollback, status.last_rollback_at = report.last_rollback, report.last_rollback_at
     status.gpu_telemetry_available = report.usage.gpu.available
     status.device_vram_total_mb = report.usage.gpu.total_mb
     status.device_vram_used_mb = report.usage.gpu.used_mb
@@ -78,6 +87,7 @@ def apply(node: resources.LlamaNode, report: NodeReport) -> None:
     status.active_instances = report.active_instances
     if report.rebuilds_handled is not None:
         status.rebuilds_handled = max(status.rebuilds_handled, report.rebuilds_handled)
+    status.wedged_instances_killed = max(status.wedged_instances_killed, report.wedged_instances_killed)
     status.learned = dict(report.learned)
     status.heartbeat_at = report.heartbeat_at
 

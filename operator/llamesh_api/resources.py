@@ -99,6 +99,16 @@ class ProfileStatus(_Wire):
     parsed_model_params: dict[str, Any] | None = Field(
         None, description="What a ready instance's llama-server reported (n_ctx, n_slots, ...); unset until one is."
     )
+    cold_start_stage: int = Field(
+        0,
+        description=(
+            "Cold-start OOM recovery of a retry not yet ready: 0 none, 1 idle instances evicted, "
+            "2 every instance drained, 3 waiting for an empty node."
+        ),
+    )
+    cold_oom_evictions: int = Field(
+        0, description="Instances drained to make room for this profile's cold-start retries; never decreases."
+    )
 
 
 class ModelStatus(_Wire):
@@ -302,6 +312,12 @@ class NodeStatus(_Wire):
     is_building: bool = Field(False, description="A llama.cpp build or rebuild is running.")
     last_build_error: str | None = Field(None, description="Why the latest build failed, if it did.")
     last_build_at: datetime.datetime | None = Field(None, description="When the latest build finished.")
+    last_rollback: str | None = Field(
+        None,
+        description="The last automatic rollback of a new llama.cpp build that crashed its first instances: "
+        "from and to which version, and why.",
+    )
+    last_rollback_at: datetime.datetime | None = Field(None, description="When that rollback happened.")
     gpu_telemetry_available: bool = Field(
         False, description="NVML answered, so the device VRAM figures are real (false without an NVIDIA GPU)."
     )
@@ -315,6 +331,11 @@ class NodeStatus(_Wire):
     )
     active_instances: int = Field(0, description="Instances the agent runs now (starting, ready or stopping).")
     rebuilds_handled: int = Field(0, description="How many of spec.rebuildRequests were carried out; never decreases.")
+    wedged_instances_killed: int = Field(
+        0,
+        description="llama-server processes the wedge watchdog killed here (a slot held at ~0 % CPU and GPU for its "
+        "window); never decreases.",
+    )
     learned: dict[str, Learned] = Field(
         default_factory=dict, description="Keyed by args hash: peak memory and model parameters learned here."
     )
@@ -337,6 +358,8 @@ class LlamaNode(Resource):
 
 
 REQUESTED_BY = f"{GROUP}/requested-by"  # annotation: which gateway replica or controller asked for an instance
+# annotation: the cold-start OOM recovery stage (1-3) a gateway asks for a retry of a failed cold start at
+COLD_START_STAGE = f"{GROUP}/cold-start-stage"
 
 
 def new_instance(

@@ -9,6 +9,13 @@ It writes only what the operator owns (`store`'s table): `spec.nodeName` (bindin
 `spec.drain`, instance deletes and creates (min instances), and `LlamaModel.status`. Why an instance cannot
 be placed is logged once per change of reason (Kubernetes Events come with the Kubernetes driver).
 
+Cold-start OOM recovery (the state is the retry instance's `llamesh.dev/cold-start-stage` annotation, see
+`planning`): from the planner's `ColdStart` actions it logs the seed's events — `cold_oom_evict_stage1`
+and `cold_oom_evict_stage2_start` (with `count`, the instances drained for it) when a retry enters the
+stage or drains more, `cold_oom_evict_stage2_drain_complete` once the node is clear — and
+`cold_oom_wait_capacity` once for stage 3. The evictions are counted in the profile's status
+(`coldOomEvictions`); the drained instances end with `instance_terminate` reason `cold_oom_stage1`/`2`.
+
 It decides nothing itself — every decision is in `planning`.
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import logging
 import secrets
 from collections.abc import Callable
@@ -75,6 +83,7 @@ class Controller:
         interval: float = 1.0,
         record: Recorder = _no_record,
         observe: WorldSource | None = None,
+        drain_grace_s: float = planning.DRAIN_GRACE.total_seconds(),
     ) -> None:
         self._store = resource_store
         self._observe = observe or listing(resource_store)
@@ -84,14 +93,21 @@ class Controller:
         self._wake = asyncio.Event()
         self._unschedulable: dict[str, str] = {}  # instance → the reason last logged
         self._lost_nodes: set[str] = set()  # nodes said to be lost, until they are not
+        self._drain_grace = datetime.timedelta(seconds=drain_grace_s)
+        self._cold_logged: set[tuple[str, str]] = set()  # (instance, event) of cold-start stages logged
 
     async def reconcile_once(self) -> list[planning.Action]:
         observed = await self._observe()
         world = planning.World(
-            models=observed.models, instances=observed.instances, nodes=observed.nodes, defaults=self._defaults()
+            models=observed.models,
+            instances=observed.instances,
+            nodes=observed.nodes,
+            defaults=self._defaults(),
+            drain_grace=self._drain_grace,
         )
         names = {instance.name for instance in world.instances}
         self._unschedulable = {name: why for name, why in self._unschedulable.items() if name in names}
+        self._cold_logged = {logged for logged in self._cold_logged if logged[0] in names}
         now = store.utcnow()
         actions = planning.plan(world, now=now)
         self._lost_nodes &= {action.node for action in actions if isinstance(action, planning.NodeLost)}
@@ -179,7 +195,7 @@ class Controller:
                         reason,
                         extra={"event": "instance_drain", "instance_id": name, "reason": reason},
                     )
-                    why = "Evicting" if reason.startswith("capacity") else "Draining"
+                    why = "Evicting" if reason.startswith(("capacity", "cold_oom")) else "Draining"
                     await self._record(drained, reason=why, message=reason)
             case planning.Delete(instance=name, reason=reason):
                 await self._store.delete(resources.LlamaInstance, name)
@@ -222,7 +238,36 @@ class Controller:
                     node = await self._store.get(resources.LlamaNode, node_name)
                     if node is not None:
                         await self._record(node, reason="NodeLost", message=message, warning=True)
+            case planning.ColdStart():
+                await self._cold_start(action, instances=instances)
             case planning.SetModelStatus(model=model, status=status):
                 await writes.update_status(
                     self._store, resources.LlamaModel, model, lambda obj: setattr(obj, "status", status)
                 )
+
+    async def _cold_start(self, action: planning.ColdStart, *, instances: dict[str, resources.LlamaInstance]) -> None:
+        """The seed's cold_oom_* log lines (and Events) for one pass of a cold-start retry, each once."""
+        name, stage = action.instance, action.stage
+        events: list[tuple[str, dict[str, object]]] = []
+        if stage == 1 and (action.evicting or (name, "stage1") not in self._cold_logged):
+            events.append(("cold_oom_evict_stage1", {"count": len(action.evicting)}))
+            self._cold_logged.add((name, "stage1"))
+        if stage == 2 and (action.evicting or (name, "stage2") not in self._cold_logged):
+            events.append(("cold_oom_evict_stage2_start", {"count": len(action.evicting)}))
+            self._cold_logged.add((name, "stage2"))
+        if stage == 2 and not action.remaining and (name, "stage2_done") not in self._cold_logged:
+            events.append(("cold_oom_evict_stage2_drain_complete", {}))
+            self._cold_logged.add((name, "stage2_done"))
+        if stage == 3 and (name, "stage3") not in self._cold_logged:
+            events.append(("cold_oom_wait_capacity", {}))
+            self._cold_logged.add((name, "stage3"))
+        for event, fields in events:
+            message = f"cold-start recovery of {name} on {action.node}: {event}"
+            if "count" in fields:
+                message += f" ({fields['count']} instance(s) drained)"
+            log.warning(
+                message,
+                extra={"event": event, "instance_id": name, "node": action.node, "stage": stage, **fields},
+            )
+            if name in instances:
+                await self._record(instances[name], reason="ColdStartRecovery", message=message, warning=True)

@@ -59,7 +59,11 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
     agent = node_agent.NodeAgent(
         store=memory, node_config=node_config, binary=binary, state_dir=state_dir, config_dir=config_dir
     )
-    operator = controller.Controller(resource_store=memory, defaults=lambda: node_config.model_defaults)
+    operator = controller.Controller(
+        resource_store=memory,
+        defaults=lambda: node_config.model_defaults,
+        drain_grace_s=node_config.shutdown_grace_period_seconds,
+    )
     app = gateway_app.create_app(
         node_config,
         store=memory,

@@ -7,6 +7,12 @@ disconnects (the handler is cancelled), an error — withdraws the ticket, so th
 counts stay exact. Instances are asked for by creating `LlamaInstance` objects (phase Pending) in the
 store from a background task, so a client that goes away never leaves a half-made request behind.
 
+Cold-start OOM recovery: the board decides when a failed cold start is retried (`queueing`); the retry is
+asked for with the `llamesh.dev/cold-start-stage` annotation (the operator evicts by it), under a name every
+replica derives alike (`<model>-<profile>-<hash>-c<stage>`), and every waiter of the pool gets its deadline
+pushed out by another start's budget, so the recovery's stages — not the queue limit — bound the wait. "Cold"
+means no node the catalog holds has learned a peak for the profile's args hash.
+
 It does not forward requests (`forwarder`) and does not read the store (`following` feeds the catalog).
 """
 
@@ -38,6 +44,7 @@ class Lease:
 
 
 COLD_START_SLACK_S = 30.0  # on top of the startup budget: placement, binding, the agent picking it up
+COLD_RETRY_SLACK_S = 60.0  # on top of that for a cold-start retry: evicting (stage 2 drains for up to its grace)
 
 
 def instance_name(target: catalog.Target) -> str:
@@ -63,6 +70,7 @@ class Dispatcher:
         self._metrics = metrics
         self._gateway_id = gateway_id
         self._waiters: dict[int, asyncio.Future[Lease]] = {}
+        self._deadlines: dict[int, tuple[str, asyncio.Timeout]] = {}  # ticket → (pool, its wait's deadline)
         self._creating: set[asyncio.Task[None]] = set()
         self.sharing: sharing.SlotClaims | None = None  # set when replicas share slots
         self.last_request_at: dict[str, float] = {}  # instance → time.time() of its last start or end
@@ -89,9 +97,11 @@ class Dispatcher:
         self._waiters[ticket] = waiter
         started = time.monotonic()
         try:
-            async with asyncio.timeout(wait_s):
+            async with asyncio.timeout(wait_s) as deadline:
+                self._deadlines[ticket] = (target.pool, deadline)
                 lease = await waiter
         except BaseException as exc:
+            self._deadlines.pop(ticket, None)
             self._waiters.pop(ticket, None)
             if waiter.done() and not waiter.cancelled():
                 waiter.exception()  # retrieved: a failure we were given is not "never retrieved"
@@ -101,6 +111,7 @@ class Dispatcher:
                 self._metrics.queue_drops["timeout"] += 1
                 raise errors.QueueTimeout() from None
             raise
+        self._deadlines.pop(ticket, None)
         queued_ms = (time.monotonic() - started) * 1000
         self._metrics.observe_queue_wait(queued_ms)
         return dataclasses.replace(lease, queued_ms=queued_ms)
@@ -130,6 +141,7 @@ class Dispatcher:
             unreachable=view.unreachable,
             failed_unready=failed_unready,
             name_factory=functools.partial(self._name_for, target),
+            cold=self._is_cold(target),
         )
         self._apply(changes)
         if self.sharing is not None:
@@ -213,16 +225,30 @@ class Dispatcher:
             return errors.ModelNotFound("The requested model was removed while the request waited", param="model")
         return errors.InternalError("Could not request a new instance for this model")
 
+    def _is_cold(self, target: catalog.Target) -> bool:
+        """No node has learned peak memory for the profile's args hash (its memory is unknown)."""
+        for node in self.catalog.nodes():
+            learned = node.status.learned.get(target.args_hash)
+            if learned is not None and (learned.peak_sysmem_mb or learned.peak_vram_mb):
+                return False
+        return True
+
     def _name_for(self, target: catalog.Target) -> str:
         """Scale from zero: every replica asks for the same name (`<model>-<profile>-<args hash>`), so however
         many ask at once, one instance is made; the others' creates answer AlreadyExists and they wait for
-        that one. With instances known (a scale-up), a fresh name."""
+        that one. A cold-start retry likewise (`...-c<stage>`). With instances known (a scale-up), a fresh name."""
+        stage = self.board.cold_stage(target.pool)
+        if stage:
+            retry = resources.instance_name(target.model, target.profile.id, f"{target.args_hash[:8]}-c{stage}")
+            if self.catalog.instance(retry) is None and not self.board.is_requested(target.pool, retry):
+                return retry
+            return instance_name(target)
         cold = resources.instance_name(target.model, target.profile.id, target.args_hash[:10])
         if not self.catalog.pool_view(target.pool).known and not self.board.is_requested(target.pool, cold):
             return cold
         return instance_name(target)
 
-    async def _name_taken(self, target: catalog.Target, name: str, reason: resources.Reason) -> None:
+    async def _name_taken(self, target: catalog.Target, name: str, reason: resources.Reason, *, stage: int = 0) -> None:
         try:
             existing = await self._store.get(resources.LlamaInstance, name)
         except Exception:
@@ -241,14 +267,42 @@ class Dispatcher:
             return  # another replica asked first: this one waits for the same instance
         fresh = instance_name(target)  # the name belongs to a finished instance: ask under another
         self.board.rename_request(target.pool, name, fresh)
-        await self._create_instance(target, fresh, reason)
+        await self._create_instance(target, fresh, reason, stage=stage)
 
     def _create(self, target: catalog.Target, name: str, reason: resources.Reason) -> None:
-        task = asyncio.create_task(self._create_instance(target, name, reason), name=f"create {name}")
+        stage = self.board.cold_stage(target.pool)
+        if stage:
+            self._extend_waits(target)
+            logger.warning(
+                "cold start of %s failed %d time(s) in a row; asking for %s at recovery stage %d",
+                target.display,
+                self.board.spawn_failures(target.pool),
+                name,
+                stage,
+                extra={
+                    "event": "cold_start_retry",
+                    "instance_id": name,
+                    "model": target.model,
+                    "profile": target.profile.id,
+                    "stage": stage,
+                    "gateway_id": self._gateway_id,
+                },
+            )
+        task = asyncio.create_task(self._create_instance(target, name, reason, stage=stage), name=f"create {name}")
         self._creating.add(task)
         task.add_done_callback(self._creating.discard)
 
-    async def _create_instance(self, target: catalog.Target, name: str, reason: resources.Reason) -> None:
+    def _extend_waits(self, target: catalog.Target) -> None:
+        """A cold-start retry: the pool's waiters wait for it (at least another start's budget from now)."""
+        until = asyncio.get_running_loop().time() + target.startup_timeout_s + COLD_START_SLACK_S + COLD_RETRY_SLACK_S
+        for pool, deadline in self._deadlines.values():
+            when = deadline.when()
+            if pool == target.pool and when is not None and when < until:
+                deadline.reschedule(until)
+
+    async def _create_instance(
+        self, target: catalog.Target, name: str, reason: resources.Reason, *, stage: int = 0
+    ) -> None:
         instance = resources.new_instance(
             name=name,
             model=target.model,
@@ -258,10 +312,12 @@ class Dispatcher:
             reason=reason,
             requested_by=self._gateway_id,
         )
+        if stage:
+            instance.metadata.annotations[resources.COLD_START_STAGE] = str(stage)
         try:
             await self._store.create(instance)
         except store.AlreadyExists:
-            await self._name_taken(target, name, reason)
+            await self._name_taken(target, name, reason, stage=stage)
             return
         except Exception:
             logger.exception("could not create instance %s for %s", name, target.display)

@@ -123,7 +123,9 @@ class Gateway:
     def live(self) -> metrics.Live:
         node = self.catalog.node(self.node_name)
         gauges: dict[str, float] = {}
+        wedged_killed = 0
         if node is not None:
+            wedged_killed = node.status.wedged_instances_killed  # this node's: the agent next to us killed them
             status = node.status
             gauges = {
                 "active_instances": status.active_instances,
@@ -142,6 +144,7 @@ class Gateway:
             started_at_unix=self.started_at,
             queue_length=self.board.queue_length(),
             node_gauges=gauges,
+            wedged_instances_killed=wedged_killed,
         )
 
 

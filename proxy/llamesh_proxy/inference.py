@@ -28,6 +28,10 @@ from llamesh_proxy import catalog, errors, forwarder, gateway, metrics, requestl
 
 HOPS_HEADER = "X-Llama-Mesh-Hops"
 UNREACHABLE_RETRIES = 2  # attempts after the first when an instance cannot be reached at all
+# A connection dropped before any answer is retried only this soon after it was sent: that is a pooled
+# keep-alive connection the server closed at the same moment (nothing was generated). A drop after longer
+# is the upstream failing the request (a crash, the wedge watchdog's kill): the seed's 502, not a retry.
+DROPPED_RETRY_WITHIN_S = 2.0
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; only ever seen in our log line
 _HOPS = re.compile(r"[0-9]+")  # not int(): it also takes "+1", "1_0", " 10" and non-ASCII digits
 
@@ -113,12 +117,14 @@ async def _forward(
     """Hold a slot (now or after queueing) for as long as the relay runs, whatever ends it.
 
     An instance that cannot be reached at all (it died a moment ago and its agent has not said so yet)
-    is routed around and the request tried again, since nothing was generated for it.
+    is routed around and the request tried again, since nothing was generated for it; so is a connection
+    dropped at once (`DROPPED_RETRY_WITHIN_S`).
     """
     for attempt in range(UNREACHABLE_RETRIES + 1):
         lease = await gw.dispatcher.acquire(target)
         exchange.instance, exchange.queued_ms = lease.instance, exchange.queued_ms + lease.queued_ms
         relay = forwarder.Relay()
+        sent_at = time.monotonic()
         try:
             return await gw.forwarder.relay(
                 request,
@@ -133,6 +139,8 @@ async def _forward(
         except errors.UpstreamUnreachable as exc:
             if attempt == UNREACHABLE_RETRIES:
                 raise
+            if not exc.refused and time.monotonic() - sent_at > DROPPED_RETRY_WITHIN_S:
+                raise errors.UpstreamError(exc.message) from None
             if exc.refused:  # nothing listens there: route around it until its agent reports it
                 gw.dispatcher.unreachable(lease)
         finally:

@@ -14,6 +14,11 @@ mid-stream (every upstream is reached by forwarding here); skipped stream cleanu
 counting cannot happen in this gateway (a slot is released in a `finally`, and only a stream's last
 chunks are kept for counting), so those two stay 0 — and llamesh's `proxy_stream_requests_total` and
 `proxy_stream_tokens_total` (streamed answers relayed, and the tokens they carried).
+
+`proxy_wedged_instances_killed_total` is not counted here: the node's agent kills wedged instances, so it
+is the count in the LlamaNode status of the node this gateway runs next to (a live value, lasting as the
+status does), like the `proxy_node_*` gauges. Each node's gateway reports its own node's kills, the
+seed's "local instances", so a sum over scraped gateways counts every kill once.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class Live:
     started_at_unix: int
     queue_length: int
     node_gauges: dict[str, float]
+    wedged_instances_killed: int = 0  # this node's LlamaNode status.wedged_instances_killed
 
 
 class Metrics:
@@ -145,6 +151,7 @@ class Metrics:
             "stream_requests_total": self.streaming.requests,
             "stream_tokens_total": self.streaming.tokens,
             "peer_stream_body_aborts_total": self.streaming.body_aborts,
+            "wedged_instances_killed_total": live.wedged_instances_killed,
             "node": live.node_gauges,
             "hash_metrics": {
                 args_hash: {
@@ -220,6 +227,11 @@ class Collector(prometheus_registry.Collector):
         )
         for name, value in live.node_gauges.items():
             yield GaugeMetricFamily(f"proxy_node_{name}", NODE_GAUGES.get(name, name), value)
+        yield CounterMetricFamily(
+            "proxy_wedged_instances_killed_total",
+            "Local instances stopped by the wedged-instance watchdog.",
+            live.wedged_instances_killed,
+        )
         for name, help_text, count in _streaming_series(m.streaming):
             yield CounterMetricFamily(name, help_text, count)
         yield from self._hash_families()

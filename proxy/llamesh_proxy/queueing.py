@@ -13,6 +13,12 @@ the slots this gateway holds on each instance, and one FIFO queue per pool. Rule
 - a new instance is asked for when the instances still coming cannot absorb the queue and the pool is below
   `max_instances`; an instance that fails before ever becoming READY while nothing else is live fails the
   whole queue (spawn_failures_exhausted); a pool that loses its instances any other way asks for a new one;
+- cold-start OOM recovery: the pool counts its consecutive failed starts (a READY instance resets the
+  count). When the failed start was a cold one (the caller says `cold`: no node learned a peak for its args
+  hash), the queue is kept and a retry is asked for at recovery stage 1 after the first failure and stage 2
+  after the second (`cold_stage`, which the caller puts on the instance for the operator to evict by); the
+  third consecutive failure fails the queue (spawn_failures_exhausted), and instances asked for after that
+  are stage 3 (the operator places them only on an otherwise empty node) until one becomes READY;
 - draining rejects newcomers and fails every waiter;
 - with `shared` slots (several gateway replicas in front of the same instances), this gateway may use on an
   instance only the slots it has claimed there (`set_allowance`, see `sharing`), never more than the limit.
@@ -35,6 +41,8 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 logger = logging.getLogger(__name__)
 _ROUTINE_DROPS = frozenset({"withdrawn", "client_gone", "draining", "profile_gone"})  # logged as info, not warning
 
+COLD_START_ATTEMPTS = 3  # consecutive failed cold starts before waiters get spawn_failures_exhausted
+
 NameFactory = Callable[[], str]
 """Makes the name of an instance this gateway asks for (called only when one is asked for)."""
 
@@ -49,7 +57,7 @@ class RejectReason(enum.Enum):
 class FailReason(enum.Enum):
     """Why waiters were turned away after they had queued."""
 
-    SPAWN_FAILED = "spawn_failed"
+    SPAWN_FAILED = "spawn_failed"  # answered spawn_failures_exhausted
     CREATE_FAILED = "create_failed"
     PROFILE_GONE = "profile_gone"
     DRAINING = "draining"
@@ -127,6 +135,8 @@ class _Pool:
     requested: set[str] = dataclasses.field(default_factory=set)  # asked for by us, not seen yet
     unreachable: int = 0  # READY but routed around (no connection): no slots, yet it counts toward max_instances
     queue: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+    spawn_failures: int = 0  # consecutive starts that failed before READY; a READY instance resets it
+    cold: bool = False  # no node learned memory for the pool's args hash (as of the last set_instances)
 
     @property
     def live(self) -> int:
@@ -243,28 +253,46 @@ class Board:
         failed_unready: bool,
         name_factory: NameFactory,
         unreachable: int = 0,
+        cold: bool = False,
     ) -> Changes:
         """The catalog's view of a pool changed.
 
         `routable`: READY, not draining; `starting`: live but not ready; `known`: every instance of the pool
         the catalog holds, whatever its phase (asked-for instances it holds are no longer "requested");
-        `failed_unready`: an instance of this pool just failed without ever having been READY.
+        `failed_unready`: an instance of this pool just failed without ever having been READY; `cold`: no
+        node has learned memory for the pool's args hash (a failed start is then retried, see above).
         """
         pool = self._pool(pool_key, policy)
         pool.policy = policy
         pool.routable = list(routable)
         pool.starting = set(starting)
         pool.unreachable = unreachable
+        pool.cold = cold
         pool.requested.difference_update(known)
+        if failed_unready:
+            pool.spawn_failures += 1
+        if pool.routable:
+            pool.spawn_failures = 0
         changes = self._grant(pool)
         if pool.queue and not pool.routable and not pool.starting and not pool.requested:
-            if failed_unready:
+            if failed_unready and not (pool.cold and pool.spawn_failures < COLD_START_ATTEMPTS):
                 changes.extend(self._fail_queue(pool, FailReason.SPAWN_FAILED))
             else:
                 name = self._maybe_spawn(pool, name_factory)
                 if name is not None:
                     changes.spawns.append(Spawn(pool_key, name))
         return changes
+
+    def cold_stage(self, pool_key: str) -> int:
+        """The cold-start recovery stage an instance asked for now in `pool_key` is for (0: a plain start)."""
+        pool = self._pools.get(pool_key)
+        if pool is None or not pool.cold:
+            return 0
+        return min(pool.spawn_failures, COLD_START_ATTEMPTS)
+
+    def spawn_failures(self, pool_key: str) -> int:
+        pool = self._pools.get(pool_key)
+        return pool.spawn_failures if pool is not None else 0
 
     def is_requested(self, pool_key: str, name: str) -> bool:
         """Whether this gateway asked for `name` in `pool_key` and has not seen it in the catalog yet."""

@@ -19,13 +19,26 @@ FAKE_LLAMA_FAULT chooses the fault:
 - busy: /slots shows every slot processing and requests wait for one forever;
 - never_healthy: every path answers 503 "Loading model" forever;
 - exit_on_start: llama-server's model-load failure lines, then exit status 1, without binding the port;
-- hang_health: /health accepts the request and never answers; the other paths work.
+- hang_health: /health accepts the request and never answers; the other paths work;
+- stall: a chat or text completion takes its slot and goes silent for good, using no CPU (a wedged
+  llama-server, for the wedge watchdog): not one byte when not streaming; the headers and nothing more
+  when streaming (llama-server sends a stream's headers at once). With FAKE_LLAMA_STALL_ONCE set to a
+  file path, only the completion that creates that file stalls (one across every fake given the same
+  path); the rest are served. The other paths work;
+- oom_when_crowded: a stand-in for a model that does not fit next to others: llama-server's out-of-memory
+  model-load failure lines, then exit status 1, while more than FAKE_LLAMA_MAX_PEERS (default 0) other fakes
+  registered in FAKE_LLAMA_PEERS_DIR are alive; otherwise a well-behaved server.
+Every fake given FAKE_LLAMA_PEERS_DIR registers there (a file named by its pid, removed when it exits; a
+dead pid's file is ignored), so the faulty one can count the others.
 A request holds its slot until its last byte or until its client goes away, whichever comes first.
 
 Tunables: FAKE_LLAMA_SLOTS (slots when no -np is given, default 1), FAKE_LLAMA_TOKENS (tokens when a request sets no
   max_tokens, default 8), FAKE_LLAMA_TOKEN_DELAY_MS (between tokens; default 0, or 200 under slow_stream),
   FAKE_LLAMA_STARTUP_DELAY_MS (time spent "loading", default 0), FAKE_LLAMA_N_CTX_TRAIN (default 2048),
-  FAKE_LLAMA_CRASH_AFTER (chunks sent before crash_mid_stream exits, default 3).
+  FAKE_LLAMA_CRASH_AFTER (chunks sent before crash_mid_stream exits, default 3), FAKE_LLAMA_TOKEN_CPU_MS (CPU
+  time each token costs, spent computing before the token delay, as a real CPU decode does; default 0, so a
+  slow_stream alone sleeps and looks idle to the wedge watchdog), FAKE_LLAMA_RSS_MB (memory held resident
+  from start to exit, so the agent's memory samples see a known size; default 0).
 
 It deliberately does not tokenize, template, or check arguments: one "token" is one word of a fixed text.
 """
@@ -34,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import itertools
@@ -57,6 +71,8 @@ FAULTS = (
     "never_healthy",
     "exit_on_start",
     "hang_health",
+    "stall",
+    "oom_when_crowded",
 )
 BUILD_INFO = "b1-fake"
 EMBEDDING_WIDTH = 64
@@ -82,6 +98,11 @@ class Settings:
     token_delay_s: float
     startup_delay_s: float
     crash_after: int
+    stall_once: str | None = None  # FAKE_LLAMA_STALL_ONCE
+    token_cpu_s: float = 0.0  # FAKE_LLAMA_TOKEN_CPU_MS
+    rss_mb: int = 0  # FAKE_LLAMA_RSS_MB
+    peers_dir: str | None = None  # FAKE_LLAMA_PEERS_DIR
+    max_peers: int = 0  # FAKE_LLAMA_MAX_PEERS
 
 
 def parse_settings(argv: list[str], environ: dict[str, str]) -> Settings:
@@ -113,6 +134,11 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Settings:
         token_delay_s=int(environ.get("FAKE_LLAMA_TOKEN_DELAY_MS", default_delay_ms)) / 1000,
         startup_delay_s=int(environ.get("FAKE_LLAMA_STARTUP_DELAY_MS", "0")) / 1000,
         crash_after=int(environ.get("FAKE_LLAMA_CRASH_AFTER", "3")),
+        stall_once=environ.get("FAKE_LLAMA_STALL_ONCE") or None,
+        token_cpu_s=int(environ.get("FAKE_LLAMA_TOKEN_CPU_MS", "0")) / 1000,
+        rss_mb=int(environ.get("FAKE_LLAMA_RSS_MB", "0")),
+        peers_dir=environ.get("FAKE_LLAMA_PEERS_DIR") or None,
+        max_peers=int(environ.get("FAKE_LLAMA_MAX_PEERS", "0")),
     )
 
 
@@ -228,6 +254,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return {**envelope, "choices": [{"finish_reason": finish, "index": 0, "delta": {} if finish else delta}]}
 
     async with request.app[SLOTS].hold() as slot:
+        if settings.fault == "stall" and claim_stall(settings):
+            if body.get("stream"):
+                await web.StreamResponse(headers={"Content-Type": "text/event-stream"}).prepare(request)
+            await asyncio.Event().wait()  # until the client goes away or the process is killed
         if not body.get("stream"):
             await pause(settings, n_tokens)
             if settings.fault == "crash_mid_stream":
@@ -256,6 +286,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
             if settings.fault == "stall_body":
                 await asyncio.Event().wait()  # until the client goes away, which cancels this handler
+            compute(settings.token_cpu_s)
             await asyncio.sleep(settings.token_delay_s)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -295,6 +326,7 @@ def vector(text: str) -> list[float]:
 
 
 async def pause(settings: Settings, n_tokens: int) -> None:
+    compute(settings.token_cpu_s * n_tokens)
     if settings.token_delay_s:
         await asyncio.sleep(settings.token_delay_s * n_tokens)
 
@@ -310,6 +342,52 @@ async def send_json(request: web.Request, payload: Json, *, stall: bool) -> web.
     await response.write(body[: len(body) // 2])
     await asyncio.Event().wait()
     return response
+
+
+def compute(cpu_s: float) -> None:
+    """Spend `cpu_s` seconds of this process's CPU time (not wall time: a loaded machine only slows it)."""
+    until = time.process_time() + cpu_s
+    while time.process_time() < until:
+        pass
+
+
+def claim_stall(settings: Settings) -> bool:
+    """Whether this completion stalls: always, or under FAKE_LLAMA_STALL_ONCE only if it made the file."""
+    if settings.stall_once is None:
+        return True
+    try:
+        os.close(os.open(settings.stall_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def live_peers(folder: str) -> int:
+    """Other fakes registered in `folder` whose process is still alive."""
+    count = 0
+    for entry in os.listdir(folder):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            os.kill(int(entry), 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass  # alive, someone else's
+        count += 1
+    return count
+
+
+def register_peer(folder: str) -> None:
+    path = os.path.join(folder, str(os.getpid()))
+    with open(path, "w") as handle:
+        handle.write("fake llama-server\n")
+
+    def unregister() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+    atexit.register(unregister)
 
 
 def crash(reason: str) -> None:
@@ -371,6 +449,17 @@ def main() -> None:
         srv("E", "load_model", f"failed to load model, '{settings.model_path}'")
         srv("E", "llama_server", "exiting due to model loading error")
         sys.exit(1)
+    if settings.fault == "oom_when_crowded" and settings.peers_dir is not None:
+        crowd = live_peers(settings.peers_dir)
+        if crowd > settings.max_peers:
+            log("E", f"ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer ({crowd} others run)")
+            log("E", f"llama_model_load: error loading model: unable to allocate buffer for '{settings.model_path}'")
+            srv("E", "load_model", f"failed to load model, '{settings.model_path}'")
+            srv("E", "llama_server", "exiting due to model loading error")
+            sys.exit(1)
+    if settings.peers_dir is not None:
+        register_peer(settings.peers_dir)
+    ballast = b"\x01" * (settings.rss_mb * 1024 * 1024)  # written, so resident
     # handler_cancellation: a client that goes away cancels its handler, whose `finally` frees the slot.
     # shutdown_timeout: SIGTERM ends stalled and waiting requests at once, as it does llama-server's.
     web.run_app(
@@ -382,6 +471,7 @@ def main() -> None:
         handler_cancellation=True,
         shutdown_timeout=0.1,
     )
+    del ballast
 
 
 if __name__ == "__main__":
