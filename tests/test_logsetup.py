@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import datetime
 import gzip
+import io
 import json
 import logging
 import queue
@@ -83,6 +84,32 @@ def test_batch_writer_writes_everything_and_drains_on_stop() -> None:
         records.put(record(f"m{index}"))
     writer.stop()
     assert [json.loads(line)["message"] for line in sink.lines] == [f"m{index}" for index in range(5)]
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_a_batch_reaches_stderr_in_one_write_with_every_line() -> None:
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    stream = CountingStream()
+    console = logging.StreamHandler(stream)
+    console.setFormatter(logsetup.JsonFormatter(node_id="n"))
+    console.addFilter(lambda made: made.getMessage() != "m3")  # a handler's filters still apply per record
+    writer = logsetup._BatchWriter(records, [console], interval=60)  # only the stop drains in this test
+    writer.start()
+    for index in range(50):
+        records.put(record(f"m{index}"))
+    writer.stop()
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["message"] for line in lines] == [f"m{index}" for index in range(50) if index != 3]
+    assert stream.writes == 1
 
 
 # --- every line a flat JSON object, with a real event ------------------------------------------------

@@ -16,6 +16,7 @@ deleted. Configured once by the CLI; library modules only call `logging.getLogge
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import gzip
 import json
@@ -110,19 +111,43 @@ class _BatchWriter(threading.Thread):
             handler.close()
 
     def _drain(self) -> None:
-        while True:
-            try:
-                record = self._records.get_nowait()
-            except queue.Empty:
-                break
-            for handler in self._handlers:
-                if record.levelno >= handler.level:
-                    handler.handle(record)
+        batch: list[logging.LogRecord] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                batch.append(self._records.get_nowait())
+        if not batch:
+            return
         for handler in self._handlers:
+            wanted = [record for record in batch if record.levelno >= handler.level]
+            if type(handler) is logging.StreamHandler:
+                _write_joined(handler, wanted)
+            else:  # file handlers decide about rotation per record
+                for record in wanted:
+                    handler.handle(record)
             try:
                 handler.flush()
             except (OSError, ValueError):  # a closed or broken stream: `handle` reports it, the thread lives on
                 continue
+
+
+def _write_joined(handler: logging.StreamHandler[Any], records: list[logging.LogRecord]) -> None:
+    """What `handle` does per record, with one write for the whole batch: stderr is line-buffered, so a
+    write per line is a system call per request on a busy gateway."""
+    lines = []
+    for record in records:
+        if not handler.filter(record):
+            continue
+        try:
+            lines.append(handler.format(record))
+        except Exception:  # as `emit` does: report the record that could not be formatted, keep the rest
+            handler.handleError(record)
+    if not lines:
+        return
+    with handler.lock or contextlib.nullcontext():
+        try:
+            handler.stream.write("\n".join(lines) + handler.terminator)
+        except Exception:
+            handler.handleError(records[-1])
 
 
 class DailyFileHandler(logging.handlers.TimedRotatingFileHandler):
