@@ -16,6 +16,11 @@ Modes (each prints one JSON object as its last stdout line):
 - first-token: one streaming request -> `time.time()` stamps of sending, headers, first token and end (the
   scale-from-zero measurement compares the first-token stamp with the upstream's healthy stamp).
 
+With `--sync` (throughput, stream), the measured window is announced so that a caller can sample the server
+around exactly the requests counted: once the warm-up's last request has ended (nothing in flight), it prints
+`{"event": "warm"}` and blocks until a line arrives on stdin; once the measured window's last request has
+ended, it prints `{"event": "measured"}`. The JSON result follows as the last line, as always.
+
 The session's connection limit is the concurrency, so each worker keeps one keep-alive connection. It runs on
 uvloop when installed. Deliberately nothing else: no retries, no server start-up, no comparison of targets
 (bench/run.py does those).
@@ -150,21 +155,42 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
+def announce(event: str) -> None:
+    print(json.dumps({"event": event}), flush=True)
+
+
 async def _warm_then_measure(
-    worker: Callable[..., Awaitable[None]], *, concurrency: int, warmup_s: float, duration: float
+    worker: Callable[..., Awaitable[None]], *, concurrency: int, warmup_s: float, duration: float, sync: bool
 ) -> float:
-    """Run `concurrency` workers uncounted for `warmup_s`, then counted for `duration`; the measured seconds."""
+    """Run `concurrency` workers uncounted for `warmup_s`, then counted for `duration`; the measured seconds.
+
+    With `sync`, the window is announced (see the module's docstring); the wait for the caller's line blocks
+    the event loop on purpose: nothing is in flight then, and nothing may start before the caller says so.
+    """
     if warmup_s > 0:
         deadline = time.perf_counter() + warmup_s
         await asyncio.gather(*(worker(deadline, counted=False) for _ in range(concurrency)))
+    if sync:
+        announce("warm")
+        sys.stdin.readline()
     started = time.perf_counter()
     deadline = started + duration
     await asyncio.gather(*(worker(deadline, counted=True) for _ in range(concurrency)))
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if sync:
+        announce("measured")
+    return seconds
 
 
 async def throughput(
-    session: aiohttp.ClientSession, url: str, body: bytes, *, concurrency: int, duration: float, warmup_s: float
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    *,
+    concurrency: int,
+    duration: float,
+    warmup_s: float,
+    sync: bool = False,
 ) -> ThroughputResult:
     errors = Errors()
     completed = 0
@@ -186,7 +212,7 @@ async def throughput(
             else:
                 errors.add(f"HTTP {response.status}")
 
-    seconds = await _warm_then_measure(worker, concurrency=concurrency, warmup_s=warmup_s, duration=duration)
+    seconds = await _warm_then_measure(worker, concurrency=concurrency, warmup_s=warmup_s, duration=duration, sync=sync)
     return {
         "mode": "throughput",
         "concurrency": concurrency,
@@ -254,7 +280,14 @@ async def read_stream(session: aiohttp.ClientSession, url: str, body: bytes, err
 
 
 async def stream(
-    session: aiohttp.ClientSession, url: str, body: bytes, *, concurrency: int, duration: float, warmup_s: float
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    *,
+    concurrency: int,
+    duration: float,
+    warmup_s: float,
+    sync: bool = False,
 ) -> StreamResult:
     errors = Errors()
     per_stream: list[int] = []
@@ -265,7 +298,7 @@ async def stream(
             if counted and tokens is not None:
                 per_stream.append(tokens)
 
-    seconds = await _warm_then_measure(worker, concurrency=concurrency, warmup_s=warmup_s, duration=duration)
+    seconds = await _warm_then_measure(worker, concurrency=concurrency, warmup_s=warmup_s, duration=duration, sync=sync)
     total = sum(per_stream)
     return {
         "mode": "stream",
@@ -364,13 +397,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result: Any
         if args.mode == "throughput":
             result = await throughput(
-                session, url, body, concurrency=args.concurrency, duration=args.duration, warmup_s=args.warmup_s
+                session,
+                url,
+                body,
+                concurrency=args.concurrency,
+                duration=args.duration,
+                warmup_s=args.warmup_s,
+                sync=args.sync,
             )
         elif args.mode == "latency":
             result = await latency(session, url, body, requests=args.requests, warmup=args.warmup)
         elif args.mode == "stream":
             result = await stream(
-                session, url, body, concurrency=args.concurrency, duration=args.duration, warmup_s=args.warmup_s
+                session,
+                url,
+                body,
+                concurrency=args.concurrency,
+                duration=args.duration,
+                warmup_s=args.warmup_s,
+                sync=args.sync,
             )
         elif args.mode == "open-streams":
             result = await open_streams(
@@ -391,6 +436,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32, help="connections (throughput, stream)")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (throughput, stream)")
     parser.add_argument("--warmup-s", type=float, default=0.5, help="unmeasured seconds first (throughput, stream)")
+    parser.add_argument("--sync", action="store_true", help="announce the measured window, begin it on a stdin line")
     parser.add_argument("--requests", type=int, default=2000, help="measured requests (latency)")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests first (latency)")
     parser.add_argument("--max-tokens", type=int, default=None, help="sent as max_tokens (default: upstream's N)")

@@ -1,21 +1,29 @@
 """The benchmark's arithmetic and its report: medians over rounds, the budget checks, the printed table.
 
 Pure functions of the results dictionary bench/run.py fills in; nothing here starts or measures anything.
-The budget's numbers are DESIGN.md's "Performance budget".
+The budget's numbers are DESIGN.md's "Performance budget", and issue 11's CPU line (gateway CPU per 1,000
+requests at most 1.3x the bare relay's).
+
+CPU figures: a throughput or stream run's `cpu` holds the CPU seconds of the server process (`server_s`) and
+of the upstream behind it (`upstream_s`, None for direct) over the measured window; each run gives CPU ms per
+1,000 requests (throughput) or per 100,000 tokens (stream), and the figure is the median over the runs.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
-from typing import Any, TypedDict
+from collections.abc import Sequence
+from typing import Any, Literal, TypedDict
 
 TARGETS = ("direct", "relay", "gateway")
+REQUESTS_PER = 1_000  # CPU ms per this many non-streaming requests
+TOKENS_PER = 100_000  # CPU ms per this many streamed tokens
 
 
 class Check(TypedDict):
     name: str
     measured: float | None
+    comparison: Literal[">=", "<="]
     limit: float
     unit: str
     passed: bool | None
@@ -30,16 +38,31 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator if numerator is not None and denominator else None
 
 
+def cpu_ms_per(cpu_s: float | None, count: int, per: int) -> float | None:
+    """CPU milliseconds per `per` units of work, from `cpu_s` seconds over `count` units; None when unknown."""
+    return cpu_s * 1000 * per / count if cpu_s is not None and count > 0 else None
+
+
+def median_cpu_ms(runs: Sequence[dict[str, Any]], *, part: str, count_key: str, per: int) -> float | None:
+    """Median over `runs` of CPU ms per `per` units of `count_key`, for `part` ("server_s" or "upstream_s")."""
+    figures = [{"ms": cpu_ms_per(run["cpu"].get(part), run[count_key], per)} for run in runs if run.get("cpu")]
+    return median_of(figures, "ms")
+
+
 def checks(medians: dict[str, dict[str, float | None]], rss_mb: float | None, first_ms: float | None) -> list[Check]:
     gateway, relay, direct = medians["gateway"], medians["relay"], medians["direct"]
 
-    def check(name: str, measured: float | None, limit: float, unit: str, ok: Callable[[float], bool]) -> Check:
+    def check(name: str, measured: float | None, comparison: Literal[">=", "<="], limit: float, unit: str) -> Check:
+        passed = None
+        if measured is not None:
+            passed = measured >= limit if comparison == ">=" else measured <= limit
         return {
             "name": name,
             "measured": measured,
+            "comparison": comparison,
             "limit": limit,
             "unit": unit,
-            "passed": None if measured is None else ok(measured),
+            "passed": passed,
         }
 
     added_p50 = None
@@ -49,20 +72,27 @@ def checks(medians: dict[str, dict[str, float | None]], rss_mb: float | None, fi
         check(
             "non-streaming throughput, gateway / bare relay",
             ratio(gateway["requests_per_s"], relay["requests_per_s"]),
+            ">=",
             0.67,
             "x",
-            lambda value: value >= 0.67,
         ),
-        check("p50 latency at 1 connection, gateway - direct", added_p50, 1.0, "ms", lambda value: value <= 1.0),
+        check("p50 latency at 1 connection, gateway - direct", added_p50, "<=", 1.0, "ms"),
         check(
             "streaming tokens/s at 32 streams, gateway / direct",
             ratio(gateway["tokens_per_s"], direct["tokens_per_s"]),
+            ">=",
             0.9,
             "x",
-            lambda value: value >= 0.9,
         ),
-        check("gateway RSS with 256 open streams", rss_mb, 150.0, "MB", lambda value: value <= 150.0),
-        check("scale-from-zero: first token after healthy", first_ms, 150.0, "ms", lambda value: value <= 150.0),
+        check("gateway RSS with 256 open streams", rss_mb, "<=", 150.0, "MB"),
+        check("scale-from-zero: first token after healthy", first_ms, "<=", 150.0, "ms"),
+        check(
+            "CPU per 1,000 requests, gateway / bare relay",
+            ratio(gateway["cpu_ms_per_1k_requests"], relay["cpu_ms_per_1k_requests"]),
+            "<=",
+            1.3,
+            "x",
+        ),
     ]
 
 
@@ -80,6 +110,10 @@ def render(results: dict[str, Any]) -> str:
         ("latency p90 ms (1 connection)", "p90_ms", 3),
         ("latency p99 ms (1 connection)", "p99_ms", 3),
         (f"streaming tokens/s ({plan['concurrency']} streams)", "tokens_per_s", 0),
+        ("CPU ms per 1,000 requests, server process", "cpu_ms_per_1k_requests", 1),
+        ("CPU ms per 100,000 tokens, server process", "cpu_ms_per_100k_tokens", 0),
+        ("  the upstream behind it, per 1,000 requests", "upstream_cpu_ms_per_1k_requests", 1),
+        ("  the upstream behind it, per 100,000 tokens", "upstream_cpu_ms_per_100k_tokens", 0),
     ]
     lines = [f"{'':44}{'direct':>12}{'relay':>12}{'gateway':>12}"]
     for label, key, digits in rows:
@@ -95,6 +129,8 @@ def render(results: dict[str, Any]) -> str:
         *(_number(rss.get(name, {}).get("open_event", {}).get("seconds_to_open"), 2) for name in TARGETS[1:]),
     ]
     lines.append(f"{'seconds until all streams were open':44}" + "".join(f"{cell:>12}" for cell in open_s))
+    lines.append("(CPU: user + system time of the process alone over each measured window, warm-up excluded;")
+    lines.append(" the upstream behind the relay is direct's process, the one behind the gateway its child)")
     lines.append(f"(medians of {plan['rounds']} round(s); errors in any run: {results['errors'] or 'none'})")
     env = results["environment"]
     if env["load_cpus"]:
@@ -102,12 +138,11 @@ def render(results: dict[str, Any]) -> str:
     else:
         lines.append("(no CPU pinning)")
     lines.append("")
-    lines.append(f"{'budget (DESIGN.md)':54}{'measured':>12}{'limit':>14}  verdict")
+    lines.append(f"{'budget (DESIGN.md, issue 11)':54}{'measured':>12}{'limit':>14}  verdict")
     for item in results["checks"]:
         unit = item["unit"]
-        comparison = ">=" if unit == "x" else "<="
         measured = "-" if item["measured"] is None else f"{item['measured']:.2f} {unit}"
-        limit = f"{comparison} {item['limit']:g} {unit}"
+        limit = f"{item['comparison']} {item['limit']:g} {unit}"
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[item["passed"]]
         lines.append(f"{item['name']:54}{measured:>12}{limit:>14}  {verdict}")
     direct, relay = medians["direct"], medians["relay"]
@@ -117,6 +152,9 @@ def render(results: dict[str, Any]) -> str:
         f"for reference, the bare relay: streaming {_number(relay_stream, 2)} x direct, "
         f"p50 {_number(relay_p50, 3)} ms over direct"
     )
+    gateway = medians["gateway"]
+    stream_cpu = ratio(gateway["cpu_ms_per_100k_tokens"], relay["cpu_ms_per_100k_tokens"])
+    lines.append(f"for reference, CPU per 100,000 streamed tokens, gateway / bare relay: {_number(stream_cpu, 2)} x")
     sfz = results["scale_from_zero"]
     if sfz:
         per_profile = ", ".join(_number(entry["first_token_after_healthy_ms"], 1) for entry in sfz)
@@ -138,6 +176,13 @@ def summarize(results: dict[str, Any]) -> None:
             "p99_ms": median_of(modes["latency"], "p99_ms"),
             "tokens_per_s": median_of(modes["stream"], "tokens_per_s"),
         }
+        for part, prefix in (("server_s", ""), ("upstream_s", "upstream_")):
+            medians[target][f"{prefix}cpu_ms_per_1k_requests"] = median_cpu_ms(
+                modes["throughput"], part=part, count_key="requests", per=REQUESTS_PER
+            )
+            medians[target][f"{prefix}cpu_ms_per_100k_tokens"] = median_cpu_ms(
+                modes["stream"], part=part, count_key="tokens", per=TOKENS_PER
+            )
         for mode, mode_runs in modes.items():
             errors += [f"{target} {mode}: {run['first_error']}" for run in mode_runs if run["errors"]]
     results["medians"] = medians

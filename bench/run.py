@@ -5,7 +5,9 @@
 It starts the fake upstream (direct), the bare relay in front of it, and `llamesh serve` whose llama-server
 is the fake upstream; warms the gateway up (its first request starts the instance); then, in rounds whose
 target order rotates, runs the load generator (bench/load.py, a separate process) against each target:
-non-streaming throughput, latency at one connection, streaming tokens/s. Then the gateway's RSS while
+non-streaming throughput, latency at one connection, streaming tokens/s, and around the measured window of
+the throughput and streaming loads the CPU time of the server process (and of the upstream behind it, for
+information), for CPU per 1,000 requests and per 100,000 streamed tokens. Then the gateway's RSS while
 256 streams are open, and scale-from-zero (first token after the spawned upstream reported healthy).
 Each metric is the median over the rounds. It prints a table, checks DESIGN.md's performance budget, and
 writes everything, raw runs included, to a JSON file.
@@ -100,16 +102,52 @@ class LoadRunner:
     def argv(self, url: str, mode: str, *options: str) -> list[str]:
         return [sys.executable, str(servers.LOAD), "--url", url, "--mode", mode, *options]
 
-    async def run(self, url: str, mode: str, *options: str, timeout_s: float = 600) -> dict[str, Any]:
+    async def run(
+        self, url: str, mode: str, *options: str, timeout_s: float = 600, window: servers.CpuWindow | None = None
+    ) -> dict[str, Any]:
+        """The load's JSON result; with `window`, that window is started and stopped around the measured requests.
+
+        The load generator then runs with `--sync`: it says when the warm-up is over (nothing in flight), waits
+        for this side to sample and answer, and says when the measured requests have all ended.
+        """
+        sync = ["--sync"] if window is not None else []
         process = await asyncio.create_subprocess_exec(
-            *self.argv(url, mode, *options), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            *self.argv(url, mode, *options, *sync),
+            stdin=asyncio.subprocess.PIPE if window is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         servers.pin(process.pid, self.cpus)
-        out, err = await asyncio.wait_for(process.communicate(), timeout_s)
-        if process.returncode != 0:
+        try:
+            lines, err = await asyncio.wait_for(self._follow(process, window), timeout_s)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        if process.returncode != 0 or not lines:
             raise servers.ServerError(f"load {mode} against {url} failed ({process.returncode}):\n{err.decode()}")
-        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-        return result
+        return lines[-1]
+
+    @staticmethod
+    async def _follow(
+        process: asyncio.subprocess.Process, window: servers.CpuWindow | None
+    ) -> tuple[list[dict[str, Any]], bytes]:
+        """Every stdout line, parsed, answering the `--sync` events as they come; and all of stderr."""
+        assert process.stdout is not None and process.stderr is not None
+        stderr = asyncio.create_task(process.stderr.read())
+        lines: list[dict[str, Any]] = []
+        async for raw in process.stdout:
+            line: dict[str, Any] = json.loads(raw)
+            lines.append(line)
+            if window is not None and line.get("event") == "warm":
+                window.start()
+                assert process.stdin is not None
+                process.stdin.write(b"go\n")
+                await process.stdin.drain()
+            elif window is not None and line.get("event") == "measured":
+                window.stop()
+        await process.wait()
+        return lines, await stderr
 
 
 async def open_streams_rss(load: LoadRunner, target: servers.Server, plan: Plan) -> dict[str, Any]:
@@ -266,8 +304,23 @@ async def measure(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[s
     return results
 
 
+def cpu_window(target: str, targets: dict[str, servers.Server]) -> servers.CpuWindow:
+    """The CPU window of `target`'s process; its upstream is direct's process (relay) or its children (gateway)."""
+    server = targets[target]
+    if target == "relay":
+        direct_pid = targets["direct"].pid
+        return servers.CpuWindow(server, lambda: [direct_pid])
+    if target == "gateway":
+        return servers.CpuWindow(server, lambda: servers.descendant_pids(server))
+    return servers.CpuWindow(server, lambda: [])
+
+
 async def run_rounds(load: LoadRunner, targets: dict[str, servers.Server], plan: Plan) -> dict[str, Any]:
-    """Every measurement against every target, `plan.rounds` times; the target order rotates each round."""
+    """Every measurement against every target, `plan.rounds` times; the target order rotates each round.
+
+    Throughput and stream runs carry `cpu`: the CPU seconds of the target (and its upstream) over the
+    measured window, warm-up excluded.
+    """
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         target: {"throughput": [], "latency": [], "stream": []} for target in targets
     }
@@ -287,7 +340,11 @@ async def run_rounds(load: LoadRunner, targets: dict[str, servers.Server], plan:
             say(f"round {round_index + 1}/{plan.rounds}: {target}")
             for mode, (load_mode, *options) in modes.items():
                 await asyncio.sleep(plan.settle_s)  # let the previous run's connections close first
-                runs[target][mode].append(await load.run(targets[target].url, load_mode, *options))
+                window = cpu_window(target, targets) if mode != "latency" else None
+                result = await load.run(targets[target].url, load_mode, *options, window=window)
+                if window is not None:
+                    result["cpu"] = window.result()
+                runs[target][mode].append(result)
     return runs
 
 

@@ -1,8 +1,11 @@
-"""The benchmark's servers as child processes: start, pin, wait until they answer, measure memory, stop.
+"""The benchmark's servers as child processes: start, pin, wait until they answer, measure memory and CPU, stop.
 
 The three targets are the fake upstream (direct), the bare relay in front of it, and `llamesh serve` with a
 generated config and cookbook whose llama-server is the fake upstream (through a wrapper script, since
 llamesh runs `binary_path` as is). Each child's output goes to a log file whose tail goes into errors.
+
+CPU time is psutil's user + system seconds of one process (never its children's, which the kernel adds to a
+parent only once it has waited for them), sampled at the two ends of a window (`CpuWindow`).
 
 Stopping is SIGTERM, then SIGKILL after a grace period; the descendants a child had (llamesh's spawned
 upstreams) are stopped the same way if they outlive it. Deliberately not here: load or measurement.
@@ -18,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +61,61 @@ class Server:
         """Resident memory of this process alone (not its children), in MiB."""
         rss: int = psutil.Process(self.pid).memory_info().rss
         return rss / (1024 * 1024)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` alone (not its children)."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def descendant_pids(server: Server) -> list[int]:
+    """The processes `server` started and that still run (llamesh's upstreams)."""
+    with contextlib.suppress(psutil.Error):
+        return [child.pid for child in psutil.Process(server.pid).children(recursive=True)]
+    return []
+
+
+class CpuWindow:
+    """The CPU seconds a server process, and separately the upstream processes behind it, spend in a window.
+
+    `upstreams` names the upstream processes when the window starts and again when it stops (the relay's is the
+    direct target's process; the gateway's are its children). An upstream that appears within the window counts
+    from zero; one that ends within it is not counted.
+    """
+
+    def __init__(self, server: Server, upstreams: Callable[[], list[int]]) -> None:
+        self.server = server
+        self.upstreams = upstreams
+        self._server_start: float | None = None
+        self._upstream_start: dict[int, float] = {}
+        self.server_s: float | None = None
+        self.upstream_s: float | None = None
+        self.upstream_pids: list[int] = []
+
+    @staticmethod
+    def _sample(pids: Iterable[int]) -> dict[int, float]:
+        sample = {}
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                sample[pid] = cpu_seconds(pid)
+        return sample
+
+    def start(self) -> None:
+        self._server_start = cpu_seconds(self.server.pid)
+        self._upstream_start = self._sample(self.upstreams())
+
+    def stop(self) -> None:
+        if self._server_start is None:
+            raise RuntimeError("CpuWindow.stop before start")
+        self.server_s = cpu_seconds(self.server.pid) - self._server_start
+        upstream_end = self._sample(self.upstreams())
+        self.upstream_pids = sorted(upstream_end)
+        if upstream_end:
+            self.upstream_s = sum(end - self._upstream_start.get(pid, 0.0) for pid, end in upstream_end.items())
+
+    def result(self) -> dict[str, float | list[int] | None]:
+        return {"server_s": self.server_s, "upstream_s": self.upstream_s, "upstream_pids": self.upstream_pids}
 
 
 def free_port() -> int:

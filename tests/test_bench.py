@@ -9,7 +9,11 @@ Covers:
 - the load generator against the fake upstream directly and through the bare relay, about a second per mode:
   throughput and latency count requests without errors, every stream carries exactly the upstream's N tokens,
   open-streams announces all its streams open and then closes them, first-token stamps are in order, and
-  every mode's output is JSON.
+  every mode's output is JSON;
+- the CPU window: run.py's load runner with `--sync` samples the relay and the upstream behind it around the
+  measured requests (CPU was spent by both, the result follows the events);
+- the report's CPU arithmetic: CPU ms per 1,000 requests and per 100,000 tokens per run, medians over runs,
+  the gateway / relay CPU check's verdict either way, and the table's rows.
 
 Not covered: llamesh's gateway (bench/run.py measures it) and whether any number meets DESIGN.md's budget.
 """
@@ -26,7 +30,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -55,10 +59,25 @@ def load_module(name: str) -> ModuleType:
     return module
 
 
+def bench_modules(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[ModuleType]:
+    """bench/ scripts that import each other by name (run.py imports servers and report), for one test."""
+    modules = []
+    for name in names:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)  # before it runs: its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules
+
+
 @dataclass(frozen=True)
 class Targets:
     direct: str
     relay: str
+    direct_pid: int
+    relay_pid: int
 
     def url(self, name: str) -> str:
         url: str = getattr(self, name)
@@ -95,14 +114,14 @@ async def fake_upstream(tmp_path: Path, *, wait: bool = True, **env: str) -> Asy
 async def targets(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Targets]:
     """The fake upstream (N = TOKENS) and the bare relay in front of it, shared by this module's load tests."""
     tmp_path = tmp_path_factory.mktemp("bench")
-    async with fake_upstream(tmp_path, FAKE_UPSTREAM_TOKENS=str(TOKENS)) as (direct_url, _):
+    async with fake_upstream(tmp_path, FAKE_UPSTREAM_TOKENS=str(TOKENS)) as (direct_url, direct):
         relay_port = processes.free_port()
         relay_argv = [sys.executable, str(BENCH / "bare_relay.py"), "--port", str(relay_port), "--upstream", direct_url]
         relay = processes.start(relay_argv, log_path=tmp_path / "relay.log")
         relay_url = f"http://{HOST}:{relay_port}"
         try:
             await wait_relaying(relay_url, relay)
-            yield Targets(direct=direct_url, relay=relay_url)
+            yield Targets(direct=direct_url, relay=relay_url, direct_pid=direct.pid, relay_pid=relay.pid)
         finally:
             await processes.stop(relay)
 
@@ -259,3 +278,136 @@ async def test_first_token_stamps_are_ordered(targets: Targets, target: str) -> 
     assert result["status"] == 200
     assert result["tokens"] == TOKENS
     assert result["sent_at"] <= result["headers_at"] <= result["first_token_at"] <= result["done_at"]
+
+
+# --- CPU time over the measured window --------------------------------------------------------------------------
+
+
+@shared_loop
+async def test_load_runner_samples_cpu_around_the_measured_window(
+    targets: Targets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    servers, _, run = bench_modules(monkeypatch, "servers", "report", "run")
+    relay = SimpleNamespace(pid=targets.relay_pid)  # all a CpuWindow needs of a server
+    window = servers.CpuWindow(relay, lambda: [targets.direct_pid])
+    options = ("--concurrency", "4", "--duration", "1", "--warmup-s", "0.2")
+    result = await run.LoadRunner(None).run(targets.relay, "throughput", *options, timeout_s=60, window=window)
+    assert result["mode"] == "throughput"
+    assert result["requests"] > 0
+    assert result["errors"] == 0, result["first_error"]
+    assert window.server_s > 0
+    assert window.upstream_s > 0
+    assert window.result() == {
+        "server_s": window.server_s,
+        "upstream_s": window.upstream_s,
+        "upstream_pids": [targets.direct_pid],
+    }
+
+
+@shared_loop
+async def test_sync_without_a_warm_up_still_announces_the_window(targets: Targets) -> None:
+    """The caller's line is awaited even with no warm-up; events come in order, the result last."""
+    options = ("--concurrency", "2", "--duration", "0.5", "--warmup-s", "0", "--sync")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(BENCH / "load.py"),
+        *("--url", targets.direct, "--mode", "stream", *options),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(b"go\n"), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    warm, measured, result = (json.loads(line) for line in out.decode().splitlines())
+    assert (warm, measured) == ({"event": "warm"}, {"event": "measured"})
+    assert result["tokens"] == result["streams"] * TOKENS > 0
+
+
+def report_results(relay_cpu_s: list[float], gateway_cpu_s: list[float]) -> Json:
+    """A results dictionary as run.py fills it in: three rounds, 10,000 requests and 200,000 tokens per run."""
+
+    def throughput(cpu_s: float | None, upstream_s: float | None) -> Json:
+        cpu = None if cpu_s is None else {"server_s": cpu_s, "upstream_s": upstream_s, "upstream_pids": []}
+        return {"requests": 10_000, "requests_per_s": 1000.0, "errors": 0, "first_error": None, "cpu": cpu}
+
+    def stream(cpu_s: float) -> Json:
+        cpu = {"server_s": cpu_s, "upstream_s": None, "upstream_pids": []}
+        return {"tokens": 200_000, "tokens_per_s": 20_000.0, "errors": 0, "first_error": None, "cpu": cpu}
+
+    latency = {"p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "errors": 0, "first_error": None}
+    runs = {
+        "direct": {
+            "throughput": [throughput(1.0, None)] * 3,
+            "latency": [latency] * 3,
+            "stream": [stream(0.5)] * 3,
+        },
+        "relay": {
+            "throughput": [throughput(cpu_s, 1.0) for cpu_s in relay_cpu_s],
+            "latency": [latency] * 3,
+            "stream": [stream(cpu_s) for cpu_s in relay_cpu_s],
+        },
+        "gateway": {
+            "throughput": [throughput(cpu_s, 1.5) for cpu_s in gateway_cpu_s],
+            "latency": [latency] * 3,
+            "stream": [stream(cpu_s) for cpu_s in gateway_cpu_s],
+        },
+    }
+    return {
+        "plan": {"concurrency": 32, "open_streams": 256, "rounds": 3},
+        "environment": {"load_cpus": None, "server_cpus": None},
+        "runs": runs,
+        "rss": {},
+        "scale_from_zero": [],
+    }
+
+
+def test_report_derives_cpu_per_work_and_checks_gateway_against_relay() -> None:
+    report = load_module("report")
+    assert report.cpu_ms_per(2.0, 10_000, 1_000) == 200.0
+    assert report.cpu_ms_per(0.5, 200_000, 100_000) == 250.0
+    assert report.cpu_ms_per(None, 10_000, 1_000) is None
+    assert report.cpu_ms_per(1.0, 0, 1_000) is None  # no work done: no figure rather than a division by zero
+
+    results = report_results(relay_cpu_s=[3.0, 2.0, 4.0], gateway_cpu_s=[4.5, 3.6, 3.0])
+    report.summarize(results)
+    medians = results["medians"]
+    assert medians["relay"]["cpu_ms_per_1k_requests"] == 300.0  # 2, 3, 4 s over 10,000 requests
+    assert medians["gateway"]["cpu_ms_per_1k_requests"] == 360.0
+    assert medians["relay"]["cpu_ms_per_100k_tokens"] == 1500.0  # 3 s over 200,000 tokens
+    assert medians["relay"]["upstream_cpu_ms_per_1k_requests"] == 100.0
+    assert medians["gateway"]["upstream_cpu_ms_per_1k_requests"] == 150.0
+    assert medians["direct"]["upstream_cpu_ms_per_1k_requests"] is None
+    assert medians["direct"]["upstream_cpu_ms_per_100k_tokens"] is None
+    (cpu_check,) = [item for item in results["checks"] if item["name"].startswith("CPU per 1,000 requests")]
+    assert cpu_check["measured"] == pytest.approx(1.2)
+    assert (cpu_check["comparison"], cpu_check["limit"], cpu_check["passed"]) == ("<=", 1.3, True)
+
+    table = report.render(results)
+    assert "CPU ms per 1,000 requests, server process" in table
+    assert "CPU ms per 100,000 tokens, server process" in table
+    assert "1.20 x" in table and "<= 1.3 x  PASS" in table
+    assert "CPU per 100,000 streamed tokens, gateway / bare relay: 1.20 x" in table
+
+    costly = report_results(relay_cpu_s=[2.0, 2.0, 2.0], gateway_cpu_s=[3.0, 3.0, 3.0])
+    report.summarize(costly)
+    (cpu_check,) = [item for item in costly["checks"] if item["name"].startswith("CPU per 1,000 requests")]
+    assert cpu_check["measured"] == pytest.approx(1.5)
+    assert cpu_check["passed"] is False
+
+
+def test_report_without_cpu_figures_says_not_available() -> None:
+    """Runs without a CPU window (an older results file) give no CPU figures and no verdict, not an error."""
+    report = load_module("report")
+    results = report_results(relay_cpu_s=[2.0] * 3, gateway_cpu_s=[2.0] * 3)
+    for modes in results["runs"].values():
+        for run in modes["throughput"]:
+            run["cpu"] = None
+    report.summarize(results)
+    (cpu_check,) = [item for item in results["checks"] if item["name"].startswith("CPU per 1,000 requests")]
+    assert cpu_check["measured"] is None and cpu_check["passed"] is None
+    assert results["medians"]["gateway"]["cpu_ms_per_1k_requests"] is None
