@@ -73,15 +73,15 @@ def checks(medians: dict[str, dict[str, float | None]], rss_mb: float | None, fi
             "non-streaming throughput, gateway / bare relay",
             ratio(gateway["requests_per_s"], relay["requests_per_s"]),
             ">=",
-            0.67,
+            0.8,
             "x",
         ),
-        check("p50 latency at 1 connection, gateway - direct", added_p50, "<=", 1.0, "ms"),
-        check(
-            "streaming tokens/s at 32 streams, gateway / direct",
-            ratio(gateway["tokens_per_s"], direct["tokens_per_s"]),
+        check("p50 latency at 1 connection, gateway - direct", added_p50, "<=", 0.5, "ms"),
+        check(  # not against direct: with two cores, "vs direct" measures who gets the core (DESIGN.md)
+            "streaming tokens/s at 32 streams, gateway / bare relay",
+            ratio(gateway["tokens_per_s"], relay["tokens_per_s"]),
             ">=",
-            0.9,
+            0.95,
             "x",
         ),
         check("gateway RSS with 256 open streams", rss_mb, "<=", 150.0, "MB"),
@@ -148,8 +148,10 @@ def render(results: dict[str, Any]) -> str:
     direct, relay = medians["direct"], medians["relay"]
     relay_stream = ratio(relay["tokens_per_s"], direct["tokens_per_s"])
     relay_p50 = None if relay["p50_ms"] is None or direct["p50_ms"] is None else relay["p50_ms"] - direct["p50_ms"]
+    gateway_stream = ratio(medians["gateway"]["tokens_per_s"], direct["tokens_per_s"])
     lines.append(
-        f"for reference, the bare relay: streaming {_number(relay_stream, 2)} x direct, "
+        f"for reference, streaming vs direct: gateway {_number(gateway_stream, 2)} x, "
+        f"bare relay {_number(relay_stream, 2)} x; the bare relay's "
         f"p50 {_number(relay_p50, 3)} ms over direct"
     )
     gateway = medians["gateway"]
