@@ -25,6 +25,8 @@ from llamesh_agent import build, node_agent
 from llamesh_api import config, store
 from llamesh_operator import controller, cookbook_sync
 from llamesh_proxy import app as gateway_app
+from llamesh_proxy import connections
+from llamesh_proxy.mesh import keys, tls
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class ServeError(Exception):
 
 
 async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_dir: Path) -> None:
+    layers = public_port_layers(node_config, config_dir=config_dir)
     memory = store.MemoryStore()
     cookbook_file = cookbook_sync.CookbookFile(path=cookbook_path, resource_store=memory)
     if not await cookbook_file.load():
@@ -71,7 +74,7 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
         node_name=agent.node_name,
         metrics_path=agent.learned_path,  # one metrics file per node, shared with the agent (`snapshot`)
     )
-    runner = gateway_app.make_runner(app)
+    runner = gateway_app.make_runner(app, layers=layers)
 
     tasks = [
         asyncio.create_task(agent.run(), name="agent"),
@@ -81,7 +84,10 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
     stop = Signals()
     try:
         await listen(runner, node_config)
-        log.info("llamesh serving the OpenAI API on http://%s/v1", node_config.listen_addr, extra={"event": "ready"})
+        scheme = "https" if layers.tls is not None else "http"
+        log.info(
+            "llamesh serving the OpenAI API on %s://%s/v1", scheme, node_config.listen_addr, extra={"event": "ready"}
+        )
 
         await stop.first()
         await drain(app, stop, grace_s=node_config.shutdown_grace_period_seconds)
@@ -93,6 +99,32 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         log.info("llamesh stopped", extra={"event": "stopped"})
+
+
+def public_port_layers(node_config: config.NodeConfig, *, config_dir: Path) -> connections.Layers:
+    """What the public port speaks besides HTTP/1.1: Noise for the mesh (keys loaded, or generated on first
+    use) and TLS for clients. Secrets with loose permissions, or a certificate that does not load, stop the
+    start with a message naming the file and the fix."""
+    noise = node_config.cluster.noise
+    security = None
+    if node_config.cluster.enabled and noise.enabled:
+        try:
+            security = keys.load(noise, node_id=node_config.node_id, base_dir=config_dir)
+        except (keys.KeysError, OSError) as exc:
+            raise ServeError(f"cluster.noise: {exc}") from exc
+        log.info(
+            "mesh identity %s (node %s)",
+            security.public_key,
+            node_config.node_id,
+            extra={"event": "mesh_identity", "public_key": security.public_key},
+        )
+    server_tls = None
+    if node_config.server_tls.enabled:
+        try:
+            server_tls = tls.ServerTls(node_config.server_tls, base_dir=config_dir)
+        except tls.TlsError as exc:
+            raise ServeError(str(exc)) from exc
+    return connections.Layers(noise=security, tls=server_tls)
 
 
 async def listen(runner: web.AppRunner, node_config: config.NodeConfig) -> None:

@@ -15,6 +15,11 @@ whose server makes `Connection`s instead, which changes four things:
   and a parser forever);
 - a kept-alive connection with no request for `http.idle_timeout_seconds` is closed (aiohttp's keep-alive
   timeout, which also bounds a next request that arrives pipelined behind a running one);
+- a new connection's first bytes say its protocol (`mesh.transport.detect`): HTTP/1.1 as always; Noise
+  (node-to-node, when the runner has the node's `MeshSecurity`) and TLS (`server_tls`) are decrypted by a
+  `mesh.transport.LayeredTransport` before aiohttp's parser sees them; h2c, which aiohttp cannot serve,
+  is answered with an HTTP/2 GOAWAY (HTTP_1_1_REQUIRED). The deadlines above cover the Noise and TLS
+  handshakes: they must finish, with the request's headers, within `http.header_read_timeout_ms`;
 - at most `http.max_connections` are open at once, lowered to what the open-file limit allows (two
   descriptors per client, one for its upstream request, plus a reserve); one more is closed as soon as it
   is accepted, with a WARNING line at most once a minute while that happens.
@@ -36,6 +41,7 @@ from aiohttp import http_exceptions, web
 
 from llamesh_api import config
 from llamesh_proxy import errors
+from llamesh_proxy.mesh import keys, tls, transport
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,14 @@ class Limits:
     max_connections: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """The encrypted protocols the public port also speaks (None: that protocol is closed on sight)."""
+
+    noise: keys.MeshSecurity | None = None
+    tls: tls.ServerTls | None = None
+
+
 def connection_limit(configured: int) -> int:
     """`configured`, lowered so that every client may hold an upstream connection within RLIMIT_NOFILE."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -63,10 +77,13 @@ def connection_limit(configured: int) -> int:
 class GatewayRunner(web.AppRunner):
     """An `AppRunner` whose connections follow `http` (see the module docstring)."""
 
-    def __init__(self, app: web.Application, *, http: config.HttpConfig, **kwargs: Any) -> None:
+    def __init__(
+        self, app: web.Application, *, http: config.HttpConfig, layers: Layers | None = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("keepalive_timeout", http.idle_timeout_seconds)
         super().__init__(app, **kwargs)
         self._http = http
+        self._layers = layers or Layers()
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -84,24 +101,26 @@ class GatewayRunner(web.AppRunner):
             header_read_timeout_s=self._http.header_read_timeout_ms / 1000,
             max_connections=max_connections,
         )
-        return _Server.adopt(server, limits)
+        return _Server.adopt(server, limits, self._layers)
 
 
 class _Server(web.Server):
     """aiohttp's `Server` as the Application built it, making `Connection`s and counting them."""
 
     limits: Limits
+    layers: Layers
     open_connections: int
     refused: int  # connections closed over the limit since the last warning
     warned_at: float
 
     @classmethod
-    def adopt(cls, server: web.Server, limits: Limits) -> _Server:
+    def adopt(cls, server: web.Server, limits: Limits, layers: Layers) -> _Server:
         # The Application builds its Server itself (`_make_handler`) with no way to name the protocol class;
         # the one it built becomes this subclass, which only adds the fields below and `__call__`.
         server.__class__ = cls
         assert isinstance(server, cls)
         server.limits, server.open_connections, server.refused, server.warned_at = limits, 0, 0, -math.inf
+        server.layers = layers
         return server
 
     def refuse(self, transport: asyncio.BaseTransport) -> None:
@@ -126,7 +145,16 @@ class _Server(web.Server):
 class Connection(web.RequestHandler):
     """One client connection: aiohttp's protocol with the gateway's parse-error answer, deadlines and cap."""
 
-    __slots__ = ("_counted", "_deadline", "_deadline_reason", "_deadline_request", "_deadline_s", "_gateway_server")
+    __slots__ = (
+        "_counted",
+        "_deadline",
+        "_deadline_reason",
+        "_deadline_request",
+        "_deadline_s",
+        "_gateway_server",
+        "_layer",
+        "_prefix",
+    )
 
     def __init__(self, manager: _Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -136,6 +164,8 @@ class Connection(web.RequestHandler):
         self._deadline_request = 0
         self._deadline_reason = ""
         self._deadline_s = 0.0
+        self._prefix: bytes | None = b""  # the first bytes while the protocol is unknown; None once known
+        self._layer: transport.LayeredTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._gateway_server
@@ -157,9 +187,69 @@ class Connection(web.RequestHandler):
     def data_received(self, data: bytes) -> None:
         if data and self._awaiting_request() and self._deadline_reason != _SLOW:
             self._arm(self._gateway_server.limits.header_read_timeout_s, _SLOW)
+        if self._prefix is not None:
+            data = self._detect(self._prefix + data)
+        if self._layer is not None and data:
+            try:
+                data = self._layer.receive(data)
+            except transport.LayerClosed as exc:
+                self._layer_closed(exc)
+                return
+        if not data:
+            return
         super().data_received(data)
         if self._deadline is not None and self._request_count != self._deadline_request:
             self._disarm()  # its headers are complete (or it failed to parse and is being answered)
+
+    def _detect(self, prefix: bytes) -> bytes:
+        """The bytes for the HTTP path once the protocol is known (a layer set up for Noise and TLS); b""
+        while it is not, or when the connection is being closed."""
+        wire = transport.detect(prefix)
+        if wire is None:
+            self._prefix = prefix
+            return b""
+        self._prefix = None
+        raw = self.transport
+        assert raw is not None
+        layers = self._gateway_server.layers
+        if wire is transport.Wire.HTTP1:
+            return prefix
+        if wire is transport.Wire.NOISE and layers.noise is not None:
+            self._layer = transport.server_transport(raw, layers.noise)
+        elif wire is transport.Wire.TLS and layers.tls is not None:
+            self._layer = tls.TlsTransport(raw, layers.tls.context())
+        else:
+            self._refuse_wire(wire, raw)
+            return b""
+        self._layer.set_protocol(self)
+        self.transport = self._layer  # aiohttp reads and writes through `self.transport` from here on
+        return prefix
+
+    def _refuse_wire(self, wire: transport.Wire, raw: asyncio.Transport) -> None:
+        remote = _remote(raw)
+        if wire is transport.Wire.H2C:
+            raw.write(transport.H2C_REFUSAL)
+            log.info("closed an h2c (HTTP/2 prior knowledge) connection from %s: HTTP/1.1 only", remote)
+        elif wire is transport.Wire.NOISE:
+            log.info("closed a Noise connection from %s: cluster Noise is off on this node", remote)
+        else:
+            log.info("closed a TLS connection from %s: server_tls is off on this node", remote)
+        self.force_close()
+
+    def _layer_closed(self, exc: transport.LayerClosed) -> None:
+        assert self._layer is not None
+        remote = _remote(self._layer)
+        if exc.refused:
+            log.warning(
+                "refused a mesh connection from %s: %s", remote, exc.reason, extra={"event": "mesh_peer_refused"}
+            )
+        elif isinstance(self._layer, transport.NoiseTransport):  # a broken or tampered stream from a "peer"
+            log.warning(
+                "dropped a Noise connection from %s: %s", remote, exc.reason, extra={"event": "mesh_noise_error"}
+            )
+        else:  # TLS: a scanner, or a client that does not trust the certificate
+            log.info("closed a TLS connection from %s: %s", remote, exc.reason)
+        self.force_close()
 
     def handle_error(
         self,
@@ -230,9 +320,13 @@ class Connection(web.RequestHandler):
         self._deadline = None
         if self.transport is None or self._request_count != self._deadline_request:
             return
-        peer = self.transport.get_extra_info("peername")
-        remote = peer[0] if isinstance(peer, tuple) else peer
+        remote = _remote(self.transport)
         # A browser's speculative connection that is never used is normal: not worth a warning.
         level = logging.DEBUG if self._deadline_reason == _SILENT else logging.INFO
         log.log(level, "closed a connection from %s: %s after %g s", remote, self._deadline_reason, self._deadline_s)
         self.force_close()
+
+
+def _remote(transport_: asyncio.BaseTransport) -> Any:
+    peer = transport_.get_extra_info("peername")
+    return peer[0] if isinstance(peer, tuple) else peer
