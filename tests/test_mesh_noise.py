@@ -8,10 +8,10 @@ forged rotation are refused with the reason on both sides; rotation through prev
 generated 0700/0600, loose modes refused naming the file and the chmod, CLUSTER_TOKEN and NODE_PRIVATE_KEY
 overrides. Over real sockets against the gateway as `llamesh serve` opens it: a NoiseConnector session is
 served and the handler sees the peer's key, plain HTTP still works and sees no peer, a wrong token or an
-unpinned key is refused while the server keeps serving, a flipped bit in a frame drops the connection,
-Noise on a node without it is closed, a silent Noise client is closed by the header deadline, and h2c
-gets a GOAWAY. With the real llama-server under `llamesh serve`: /v1/models and a streamed chat
-completion through Noise, and loose key permissions stop the start.
+unpinned key is refused while the server keeps serving, a flipped bit in a frame drops the connection, a
+session is closed after `session_ttl_seconds`, Noise on a node without it is closed, a silent Noise client
+is closed by the header deadline, and h2c gets a GOAWAY. With the real llama-server under `llamesh serve`:
+/v1/models and a streamed chat completion through Noise, and loose key permissions stop the start.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import mesh_support as ms
 from llamesh_api import config
 from llamesh_proxy import connections
 from llamesh_proxy.mesh import keys, noise, transport
-from rig import processes
+from rig import processes, waiting
 
 # --- detection and the trust decision (pure) ---------------------------------------------------------------------
 
@@ -365,6 +365,28 @@ async def test_a_flipped_bit_in_a_frame_drops_the_connection(tmp_path: Path, cap
             assert response.status == 200
     dropped = [record for record in caplog.records if getattr(record, "event", None) == "mesh_noise_error"]
     assert len(dropped) == 1 and "a frame failed authentication" in dropped[0].getMessage()
+
+
+async def test_a_noise_connection_is_closed_after_the_session_ttl_and_the_next_request_handshakes_anew(
+    tmp_path: Path,
+) -> None:
+    client = ms.security(tmp_path, "client")
+    server = ms.security(tmp_path, "server", session_ttl_seconds=1)
+    async with (
+        ms.serving(tmp_path, layers=connections.Layers(noise=server)) as served,
+        mesh_client(client) as session,
+    ):
+        gateway_server = served.runner.server
+        assert isinstance(gateway_server, connections._Server)
+        async with session.get(served.base_url + "/healthz") as response:
+            assert response.status == 200
+        assert gateway_server.open_connections == 1  # pooled, kept alive
+        # Well before aiohttp's client would let the pooled connection go (15 s idle).
+        await waiting.eventually(
+            lambda: gateway_server.open_connections == 0, within_s=10, what="the session to expire"
+        )
+        async with session.get(served.base_url + "/healthz") as response:
+            assert response.status == 200
 
 
 async def test_noise_on_a_node_without_it_is_closed(tmp_path: Path) -> None:

@@ -154,6 +154,7 @@ class Connection(web.RequestHandler):
         "_gateway_server",
         "_layer",
         "_prefix",
+        "_session_expiry",
     )
 
     def __init__(self, manager: _Server, **kwargs: Any) -> None:
@@ -166,6 +167,7 @@ class Connection(web.RequestHandler):
         self._deadline_s = 0.0
         self._prefix: bytes | None = b""  # the first bytes while the protocol is unknown; None once known
         self._layer: transport.LayeredTransport | None = None
+        self._session_expiry: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._gateway_server
@@ -179,6 +181,8 @@ class Connection(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        if self._session_expiry is not None:
+            self._session_expiry.cancel()
         if self._counted:
             self._counted = False
             self._gateway_server.open_connections -= 1
@@ -216,6 +220,8 @@ class Connection(web.RequestHandler):
             return prefix
         if wire is transport.Wire.NOISE and layers.noise is not None:
             self._layer = transport.server_transport(raw, layers.noise)
+            if layers.noise.session_ttl_s > 0:  # `cluster.noise.session_ttl_seconds`: a fresh handshake after it
+                self._session_expiry = self._loop.call_later(layers.noise.session_ttl_s, self._session_expired)
         elif wire is transport.Wire.TLS and layers.tls is not None:
             self._layer = tls.TlsTransport(raw, layers.tls.context())
         else:
@@ -224,6 +230,14 @@ class Connection(web.RequestHandler):
         self._layer.set_protocol(self)
         self.transport = self._layer  # aiohttp reads and writes through `self.transport` from here on
         return prefix
+
+    def _session_expired(self) -> None:
+        """Closed now if idle, else once the request in flight is answered (aiohttp's `close`)."""
+        self._session_expiry = None
+        if self._awaiting_request():
+            self.force_close()
+        else:
+            self.close()
 
     def _refuse_wire(self, wire: transport.Wire, raw: asyncio.Transport) -> None:
         remote = _remote(raw)

@@ -218,6 +218,7 @@ class MeshSecurity:
     token: bytes
     trust: TrustStore
     previous_key: StaticKey | None = None
+    session_ttl_s: float = 0.0  # a Noise connection is closed after this long (once its request is done); 0: never
 
     @property
     def public_key(self) -> str:
@@ -274,7 +275,14 @@ def load(
             raise KeysError(f"cluster.noise.allowed_keys: {exc}") from exc
     known_path = config.resolve_path(noise.known_peers_path or str(folder / "known_peers"), base_dir=base_dir)
     trust = TrustStore(Policy(tofu=noise.tofu, allowed_keys=allowed), path=known_path)
-    return MeshSecurity(node_id=node_id, static_key=static_key, token=token, trust=trust, previous_key=previous)
+    return MeshSecurity(
+        node_id=node_id,
+        static_key=static_key,
+        token=token,
+        trust=trust,
+        previous_key=previous,
+        session_ttl_s=float(noise.session_ttl_seconds),
+    )
 
 
 def check_private(path: Path) -> None:
