@@ -63,15 +63,21 @@ async def _whoami(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def _echo(request: web.Request) -> web.Response:
+    return web.Response(body=await request.read(), content_type="application/octet-stream")
+
+
 @contextlib.asynccontextmanager
 async def serving(tmp_path: Path, *, layers: connections.Layers, **http: Any) -> AsyncIterator[Served]:
-    """The gateway for model "m" on a loopback port, opened by `serve.listen`, with a test route /whoami."""
+    """The gateway for model "m" on a loopback port, opened by `serve.listen`, with test routes /whoami (what a
+    handler sees of the connection) and /echo (the body back)."""
     settings = gs.node_config(listen_addr="127.0.0.1:0", http=http)
     memory = store.MemoryStore()
     await memory.create(gs.model("m"))
     await gs.register_node(memory)
     app = gateway_app.create_app(settings, store=memory, gateway_id=gs.GATEWAY_ID, node_name=gs.NODE)
     app.router.add_get("/whoami", _whoami)
+    app.router.add_post("/echo", _echo)
     runner = gateway_app.make_runner(app, layers=layers)
     await serve.listen(runner, settings)
     try:

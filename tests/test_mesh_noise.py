@@ -289,6 +289,9 @@ async def test_a_noise_client_is_served_and_the_handler_sees_its_key(tmp_path: P
         async with session.get(served.base_url + "/v1/models") as response:
             assert response.status == 200
             assert [model["id"] for model in (await response.json())["data"]] == ["m"]
+        body = os.urandom(900_000)  # many frames each way, through both sides' flow control
+        async with session.post(served.base_url + "/echo", data=body) as response:
+            assert await response.read() == body
         async with session.post(served.base_url + "/v1/chat/completions", json={"model": "nope"}) as response:
             assert response.status == 404 and "nope" in (await response.json())["error"]["message"]
     assert f"node=client {client.public_key}" in (tmp_path / "server" / "known_peers").read_text()
