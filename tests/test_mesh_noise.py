@@ -188,6 +188,20 @@ def test_rotation_through_previous_key_path_is_accepted_by_peers_that_pinned_the
     pair(finished, b)
 
 
+def test_an_unwritable_known_peers_keeps_the_pin_in_memory_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = ms.security(tmp_path, "a")
+    b = ms.security(tmp_path, "b", known_peers_path=str(tmp_path / "no-such-folder" / "known_peers"))
+    pair(a, b)
+    assert b.trust.known() == {"node=a": a.public_key}
+    [warning] = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warning.getMessage().startswith(f"cannot write {tmp_path / 'no-such-folder' / 'known_peers'} (")
+    impostor = ms.security(tmp_path, "a", config_dir=str(tmp_path / "impostor"))
+    with pytest.raises(noise.Refused, match="known_peers pins"):
+        pair(impostor, b)
+
+
 def test_a_rotation_claim_without_the_old_private_key_is_refused(tmp_path: Path) -> None:
     a, b = ms.security(tmp_path, "a"), ms.security(tmp_path, "b")
     pair(a, b)

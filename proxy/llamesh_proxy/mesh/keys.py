@@ -178,7 +178,16 @@ class TrustStore:
             for name, pinned in verdict.record.items():
                 log.info("trusting %s with key %s (known_peers)", name, pinned, extra={"event": "mesh_peer_pinned"})
             self._known.update(verdict.record)
-            write_known_peers(self.path, self._known)
+            try:
+                write_known_peers(self.path, self._known)
+            except OSError as exc:  # trusted for now; the pin is lost at restart, so say how to keep it
+                log.warning(
+                    "cannot write %s (%s); the new pins hold until this node restarts. Fix the folder or "
+                    "cluster.noise.known_peers_path",
+                    self.path,
+                    exc.strerror,
+                    extra={"event": "mesh_known_peers_unwritable"},
+                )
 
 
 def read_known_peers(path: Path) -> dict[str, str]:
