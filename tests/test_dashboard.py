@@ -6,23 +6,32 @@ resources (node capacity, memory and build state, profiles with queue and instan
 phase, in flight, slots, memory, age, last request); with auth on, the page and its assets are open and
 carry no data while /ui/state is 401 without an accepted key, like /v1/models; /admin/drain's errors
 (envelope) and a drain carried out by the real agent (the instance stops and leaves); the log tail and the
-rates following real requests through the gateway. In headless Chromium (Debian's, driven by selenium)
-against `llamesh serve` with the real llama-server: the page loads with no console errors, shows an
-instance going Starting → Ready after a request, the queue rising under load, and the drain button
-draining the instance; the screenshot in README.md is taken there (LLAMESH_DASHBOARD_SCREENSHOT=path).
+rates following real requests through the gateway; a rebuild shown pending, then its progress lines.
+In headless Chromium (Debian's, driven by selenium) against `llamesh serve` with the real llama-server, on
+a phone-sized screen: the page loads with no console errors, shows an instance going Starting → Ready after
+a request, the queue rising under load, and the drain button draining the instance. README.md's screenshot
+is taken there: DASHBOARD_SCREENSHOT=docs/dashboard.png (not LLAMESH_*: `llamesh serve` reads those).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import logging
-from collections.abc import Iterator
+import os
+import shlex
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
+import yaml
+from openai.types.chat import ChatCompletionMessageParam
+from selenium import webdriver
 
 import gateway_support as gs
 from llamesh_api import cookbook, resources
@@ -31,6 +40,7 @@ from rig import processes
 
 NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
 KEY = "dashboard-test-key"
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 # --- the rings --------------------------------------------------------------------------------
@@ -203,7 +213,12 @@ def test_the_state_document_shows_nodes_profiles_instances_and_queues() -> None:
     assert (starting["phase"], starting["model"], starting["age_s"]) == ("Starting", "m:fast", 90.0)
     assert starting["last_request_age_s"] is None and starting["node"] == gs.NODE
     assert by_name["m-default-0"]["phase"] == "Stopped"
-    assert state["queues"] == [{"pool": "m:fast", "model": "m:fast", "queued": 3}]
+    assert state["queues"] == [
+        {"pool": "m:default", "model": "m", "queued": 0},
+        {"pool": "m:fast", "model": "m:fast", "queued": 3},
+    ]
+    gone = overview.build(view(targets=[], queue_lengths={"m:fast": 2, "m:default": 0}))["queues"]
+    assert gone == [{"pool": "m:fast", "model": "m:fast", "queued": 2}]  # its profile went away; requests wait on
     assert state["history"][0]["requests_per_s"] == 2.0
     assert state["log"] == {"next": 5, "records": [{"seq": 4, "message": "x"}]}
 
@@ -311,3 +326,189 @@ async def test_the_log_tail_and_rates_follow_requests(tmp_path: Path) -> None:
             later = (await fetch(h, "GET", f"/ui/state?since={state['log']['next']}"))[1]
             assert all(r["seq"] >= state["log"]["next"] for r in later["log"]["records"])
         assert not any(isinstance(x, history.TailHandler) for x in logging.getLogger().handlers)  # removed at cleanup
+
+
+async def test_a_rebuild_shows_as_pending_then_its_progress_lines(tmp_path: Path) -> None:
+    with logging_at_info():
+        async with gs.running_gateway(tmp_path, models=[gs.model("m")], agent=False) as h:
+            (node,) = (await fetch(h, "GET", "/ui/state"))[1]["nodes"]
+            assert (
+                node["llama_cpp"]["rebuild_pending"] is False and node["llama_cpp"]["version"] == gs.LLAMA_CPP_VERSION
+            )
+            assert (await fetch(h, "POST", "/admin/rebuild-llama"))[0] == 202
+
+            async def pending() -> bool:
+                state = (await fetch(h, "GET", "/ui/state"))[1]
+                return bool(state["nodes"][0]["llama_cpp"]["rebuild_pending"])
+
+            await gs.eventually(pending, what="the rebuild request to show")
+            # what `llamesh serve` hands the build manager as its progress callback: one event per step
+            logging.getLogger("llamesh_operator.serve").info(
+                "llama.cpp: building llama-server [ 42%]", extra={"event": "llama_build_progress"}
+            )
+            state = (await fetch(h, "GET", "/ui/state"))[1]
+            assert [r["message"] for r in state["build_log"]] == ["llama.cpp: building llama-server [ 42%]"]
+
+
+# --- in a real browser ------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+STARTUP_DELAY_S = 3  # the wrapper's pause before llama-server starts: a 1.5 s poll must see Starting
+
+
+def slow_starting_llama_server(folder: Path, real: Path) -> Path:
+    """The real llama-server behind a wrapper that waits before a server start (not `--version`).
+
+    A tiny model starts in well under a second, faster than the page polls; the dashboard has to show an
+    instance that starts, so the start is made to last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapper = folder / "llama-server"
+    wrapper.write_text(
+        f'#!/bin/sh\ncase " $* " in *" --port "*) sleep {STARTUP_DELAY_S} ;; esac\nexec {shlex.quote(str(real))} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@contextlib.asynccontextmanager
+async def llamesh_serve(tmp_path: Path, binary: Path, chat_model: Path) -> AsyncIterator[tuple[str, processes.Child]]:
+    """`llamesh serve` as a child process: one profile, one slot, one instance at most."""
+    port = processes.free_port()
+    settings = {
+        "node_id": "dash",
+        "listen_addr": f"127.0.0.1:{port}",
+        "metrics_path": str(tmp_path / "node-metrics.json"),
+        "shutdown_grace_period_seconds": 5,
+        "model_defaults": {"max_concurrent_requests_per_instance": 1, "max_instances_per_model": 1},
+        "llama_cpp": {"enabled": False, "binary_path": str(binary), "cache_dir": str(tmp_path / "cache")},
+    }
+    cookbook_text = {
+        "models": [
+            {
+                "name": "tiny",
+                "description": "tiny llama for tests",
+                "profiles": [{"id": "default", "model_path": str(chat_model), "llama_server_args": "-c 512 -np 1"}],
+            }
+        ]
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    (tmp_path / "cookbook.yaml").write_text(yaml.safe_dump(cookbook_text))
+    argv = [str(Path(sys.executable).parent / "llamesh"), "serve", "--config", str(tmp_path / "config.yaml"),
+            "--cookbook", str(tmp_path / "cookbook.yaml")]  # fmt: skip
+    child = processes.start(argv, log_path=tmp_path / "serve.log")
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        await processes.wait_healthy(child, base_url, deadline_s=60)
+        yield base_url, child
+    finally:
+        await processes.stop(child, grace_s=15)
+
+
+class Browser:
+    """Headless Chromium through chromedriver; every call runs in a thread, the test's loop stays free."""
+
+    def __init__(self, driver: webdriver.Chrome) -> None:
+        self.driver = driver
+
+    async def run(self, script: str, *args: Any) -> Any:
+        return await asyncio.to_thread(self.driver.execute_script, script, *args)
+
+    async def text(self, selector: str) -> str | None:
+        found = await self.run(
+            "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;", selector
+        )
+        return None if found is None else str(found)
+
+    async def wait_text(self, selector: str, wanted: Callable[[str], bool], *, what: str, within_s: float = 60) -> str:
+        async def matching() -> str | None:
+            found = await self.text(selector)
+            return found if found is not None and wanted(found) else None
+
+        return await gs.eventually(matching, within_s=within_s, interval_s=0.1, what=what)
+
+    async def console_errors(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = await asyncio.to_thread(self.driver.get_log, "browser")
+        return [entry for entry in entries if entry["level"] == "SEVERE"]
+
+
+@contextlib.asynccontextmanager
+async def browser(*, width: int, height: int, phone: bool = False) -> AsyncIterator[Browser]:
+    """Chromium at `width` x `height` CSS pixels; `phone`: emulated as a touch screen of that size (a
+    headless window is never narrower than 500 pixels, an emulated screen is)."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     f"--window-size={width},{height}"):  # fmt: skip
+        options.add_argument(argument)
+    if phone:
+        metrics = {"width": width, "height": height, "pixelRatio": 1, "touch": True, "mobile": True}
+        options.add_experimental_option("mobileEmulation", {"deviceMetrics": metrics})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = webdriver.ChromeService(executable_path=str(CHROMEDRIVER))
+    driver = await asyncio.to_thread(webdriver.Chrome, service=service, options=options)
+    try:
+        yield Browser(driver)
+    finally:
+        await asyncio.to_thread(driver.quit)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="needs Debian's chromium and chromium-driver"
+)
+async def test_the_dashboard_in_a_real_browser(tmp_path: Path, llama_server_binary: Path, chat_model: Path) -> None:
+    binary = slow_starting_llama_server(tmp_path / "bin", llama_server_binary)
+    async with (
+        llamesh_serve(tmp_path, binary, chat_model) as (base_url, child),
+        browser(width=390, height=844, phone=True) as page,
+        openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client,
+    ):
+        await asyncio.to_thread(page.driver.get, base_url + "/ui")
+        await page.wait_text("#connection", lambda t: t == "live", what="the page to load its first state")
+        await page.wait_text('#models tr[data-profile="tiny"]', lambda t: "0 ready / 0" in t, what="the profile")
+        assert await page.text("#instances td.empty") is not None  # nothing runs before the first request
+        assert await page.run("return [window.innerWidth, document.documentElement.scrollWidth]") == [390, 390]
+
+        # Five requests at once on a cold, one-slot profile: they queue while its instance starts.
+        load = [
+            asyncio.create_task(client.chat.completions.create(model="tiny", messages=HI, max_tokens=64))
+            for _ in range(5)
+        ]
+        await page.wait_text('#queues tr[data-queue="tiny"] .queued', lambda t: int(t) >= 2, what="the queue to rise")
+        phases: list[str] = []
+
+        async def ready() -> bool:
+            phase = await page.text("#instances tr[data-instance] .phase")
+            if phase and (not phases or phases[-1] != phase):
+                phases.append(phase)
+            return phase == "Ready"
+
+        await gs.eventually(ready, within_s=90, interval_s=0.1, what="the instance to show Ready")
+        assert "Starting" in phases and phases.index("Starting") < phases.index("Ready"), phases
+        answers = await asyncio.gather(*load)
+        assert all(answer.usage is not None and answer.usage.completion_tokens == 64 for answer in answers)
+        await page.wait_text('#queues tr[data-queue="tiny"] .queued', lambda t: t == "0", what="the queue to empty")
+        await page.wait_text("#log", lambda t: t.count('"request_complete"') >= 5, what="the request lines")
+        await page.wait_text("#rate-now", lambda t: bool(t), what="a rate point")
+        if shot := os.environ.get("DASHBOARD_SCREENSHOT"):  # README.md's picture, on a desktop screen
+            async with browser(width=1000, height=1180) as desktop:
+                await asyncio.to_thread(desktop.driver.get, base_url + "/ui")
+                await desktop.wait_text("#log", lambda t: "request_complete" in t, what="the desktop page")
+                await asyncio.to_thread(desktop.driver.save_screenshot, shot)
+
+        (llama,) = processes.descendants(child.pid, matching="llama-server")
+        name = await page.run("return document.querySelector('#instances tr[data-instance]').dataset.instance")
+        await page.run("document.querySelector(arguments[0]).click()", f'button[data-drain="{name}"]')
+        await page.wait_text("#action-result", lambda t: "Drain requested" in t, what="the drain to be accepted")
+        await page.wait_text(
+            f'#instances tr[data-instance="{name}"] .phase',
+            lambda t: "draining" in t.lower() or t == "Stopped",
+            what="the instance to show it drains",
+        )
+        await gs.eventually(lambda: not processes.is_alive(llama.process), within_s=60, what="llama-server to stop")
+        await page.wait_text(
+            "#instances tbody", lambda t: name not in t or "Stopped" in t, what="the instance to leave"
+        )
+        assert await page.console_errors() == []

@@ -72,14 +72,25 @@ def build(view: View) -> dict[str, Any]:
             _instance(instance, view=view, pools=pools)
             for instance in sorted(view.instances, key=lambda i: (i.spec.model, i.spec.profile, i.name))
         ],
-        "queues": [
-            {"pool": pool, "model": pools[pool].display if pool in pools else pool, "queued": queued}
-            for pool, queued in sorted(view.queue_lengths.items())
-        ],
+        "queues": _queues(view, pools),
         "history": [dataclasses.asdict(point) for point in view.history],
         "log": {"next": view.log_next, "records": list(view.log)},
         "build_log": list(view.build_log),
     }
+
+
+def _queues(view: View, pools: Mapping[str, catalog.Target]) -> list[dict[str, Any]]:
+    """Every servable profile's queue (empty ones too, so a queue that empties is seen to), and any other
+    pool still holding requests (its profile just went away)."""
+    every = sorted(set(pools) | {pool for pool, queued in view.queue_lengths.items() if queued})
+    return [
+        {
+            "pool": pool,
+            "model": pools[pool].display if pool in pools else pool,
+            "queued": view.queue_lengths.get(pool, 0),
+        }
+        for pool in every
+    ]
 
 
 def _node(node: resources.LlamaNode, *, now: datetime.datetime) -> dict[str, Any]:

@@ -214,8 +214,8 @@ function renderModels(models) {
       rows.push(el("tr", { "data-profile": p.display },
         el("td", { title: p.description || m.description || "" }, p.display),
         el("td", {}, p.capability),
-        el("td", {}, `${p.ready_instances} ready / ${p.instances} (max ${p.max_instances})`),
-        el("td", {}, `${p.queued} / ${p.max_queue}`),
+        el("td", {}, `${p.ready_instances} ready / ${p.instances} (max ${p.max_instances || "∞"})`),
+        el("td", {}, `${p.queued} / ${p.max_queue || "∞"}`),  // 0: no limit
         el("td", {}, p.idle_timeout_seconds ? age(p.idle_timeout_seconds) : "never"),
         el("td", {}, el("button", { "data-prewarm": p.display,
           onclick: () => act("/admin/prewarm", { model: p.display }, `prewarm ${p.display}`) }, "Prewarm"))));
