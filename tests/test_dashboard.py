@@ -1,7 +1,7 @@
 """The web dashboard (/ui): its state document, its auth, the drain action, and the page in a real browser.
 
 Covers: rates from neighbouring counter samples (bounded, a reset counter counts from zero); the log tail
-(bounded, numbered, `extra` fields shown, build events picked out); the state document built from plain
+(bounded, numbered, `extra` fields and tracebacks shown, build events picked out); the state document built from plain
 resources (node capacity, memory and build state, profiles with queue and instance counts, instances with
 phase, in flight, slots, memory, age, last request); with auth on, the page and its assets are open and
 carry no data while /ui/state is 401 without an accepted key, like /v1/models; /admin/drain's errors
@@ -9,7 +9,8 @@ carry no data while /ui/state is 401 without an accepted key, like /v1/models; /
 rates following real requests through the gateway; a rebuild shown pending, then its progress lines.
 In headless Chromium (Debian's, driven by selenium) against `llamesh serve` with the real llama-server, on
 a phone-sized screen: the page loads with no console errors, shows an instance going Starting → Ready after
-a request, the queue rising under load, and the drain button draining the instance. README.md's screenshot
+a request, the queue rising under load, and the drain button draining the instance; with auth on, the page
+asks for a key, refuses a wrong one, and keeps the right one for the tab. README.md's screenshot
 is taken there: DASHBOARD_SCREENSHOT=docs/dashboard.png (not LLAMESH_*: `llamesh serve` reads those).
 """
 
@@ -32,6 +33,8 @@ import pytest
 import yaml
 from openai.types.chat import ChatCompletionMessageParam
 from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 import gateway_support as gs
 from llamesh_api import cookbook, resources
@@ -95,6 +98,13 @@ def test_log_tail_is_bounded_numbered_and_shows_extra_fields() -> None:
     assert [r["message"] for r in tail.latest(events=("llama_build",), limit=5)] == ["compiling"]
     plain = record("no event")
     assert history.record_fields(7, plain)["event"] == "llamesh.test"  # as the JSON log: the logger's name
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        failed = logging.LogRecord("llamesh.test", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    assert "RuntimeError: boom" in history.record_fields(8, failed)["exception"]
+    failed.exc_text, failed.exc_info = "rendered earlier", None  # what the JSON log's queue handler leaves
+    assert history.record_fields(8, failed)["exception"] == "rendered earlier"
 
 
 # --- the state document -----------------------------------------------------------------------
@@ -512,3 +522,34 @@ async def test_the_dashboard_in_a_real_browser(tmp_path: Path, llama_server_bina
             "#instances tbody", lambda t: name not in t or "Stopped" in t, what="the instance to leave"
         )
         assert await page.console_errors() == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="needs Debian's chromium and chromium-driver"
+)
+async def test_in_a_real_browser_the_page_asks_for_the_key_and_keeps_it_for_the_tab(tmp_path: Path) -> None:
+    settings = gs.node_config(auth={"enabled": True, "allowed_keys": [KEY]})
+    async with (
+        gs.running_gateway(tmp_path, models=[gs.model("secret-model")], settings=settings, agent=False) as h,
+        browser(width=390, height=844, phone=True) as page,
+    ):
+        await asyncio.to_thread(page.driver.get, h.base_url + "/ui")
+        await page.wait_text("#connection", lambda t: t == "key needed", what="the key prompt")
+        assert await page.run("return document.getElementById('dashboard').hidden") is True
+        assert "secret-model" not in await page.run("return document.body.innerText")
+
+        async def submit(key: str) -> None:
+            field = await asyncio.to_thread(page.driver.find_element, By.ID, "key-input")
+            await asyncio.to_thread(field.clear)
+            await asyncio.to_thread(field.send_keys, key, Keys.ENTER)
+
+        await submit("wrong")
+        await page.wait_text("#key-error", lambda t: "not accepted" in t, what="the wrong key to be refused")
+        await submit(KEY)
+        await page.wait_text('#models tr[data-profile="secret-model"]', bool, what="the models, with the key")
+        assert await page.run("return sessionStorage.getItem('llamesh-api-key')") == KEY
+        await asyncio.to_thread(page.driver.refresh)  # the tab keeps the key: no prompt after a reload
+        await page.wait_text("#connection", lambda t: t == "live", what="the page to load with the kept key")
+        errors = await page.console_errors()
+        assert errors and all("401" in entry["message"] for entry in errors), errors  # only the refused loads

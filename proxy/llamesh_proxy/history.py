@@ -1,10 +1,12 @@
 """The dashboard's short memory: counter samples of the last minutes, and the last log records.
 
 Both are bounded rings filled off the request path: `RateHistory` gets a `Sample` of the gateway's counters
-every few seconds (the dashboard's sampler task) and turns neighbouring samples into rates;
-`LogTail` keeps the newest records of the process's log, numbered, so a page can ask for what is new since
-the last number it saw. Records are kept as they are and turned into JSON-ready fields only when read: a
-log call costs the loop one deque append, and nothing is formatted unless someone looks.
+every few seconds (the dashboard's sampler task) and turns neighbouring samples into rates; `LogTail` keeps
+the newest records of the process's log, numbered, so a page can ask for what is new since the last number
+it saw. Records are kept as they are and turned into JSON-ready fields only when read: a log call costs the
+loop one deque append, and nothing is formatted unless someone looks. Readers copy the ring first
+(`tuple(deque)` runs without releasing the GIL): records also arrive from other threads, and a deque changed
+while iterated raises.
 
 Nothing here does I/O, reads the clock or knows about HTTP.
 """
@@ -104,12 +106,12 @@ class LogTail:
 
     def since(self, seq: int, *, limit: int) -> list[dict[str, Any]]:
         """Records numbered `seq` or later, oldest first, at most the newest `limit` of them."""
-        newer = [(number, record) for number, record in self._records if number >= seq]
+        newer = [(number, record) for number, record in tuple(self._records) if number >= seq]
         return [record_fields(number, record) for number, record in newer[-limit:]] if limit > 0 else []
 
     def latest(self, *, events: tuple[str, ...], limit: int) -> list[dict[str, Any]]:
         """The newest `limit` records whose event starts with one of `events`, oldest first."""
-        matching = [(n, r) for n, r in self._records if str(getattr(r, "event", "") or "").startswith(events)]
+        matching = [(n, r) for n, r in tuple(self._records) if str(getattr(r, "event", "") or "").startswith(events)]
         return [record_fields(number, record) for number, record in matching[-limit:]] if limit > 0 else []
 
 
@@ -127,6 +129,10 @@ def record_fields(seq: int, record: logging.LogRecord) -> dict[str, Any]:
         if key in _STANDARD or key in fields or key in _DROPPED:
             continue
         fields[key] = value if isinstance(value, _SCALARS) else str(value)
+    if record.exc_text:  # the JSON log's queue handler renders tracebacks into exc_text before we read it
+        fields["exception"] = record.exc_text
+    elif record.exc_info:
+        fields["exception"] = logging.Formatter().formatException(record.exc_info)
     return fields
 
 

@@ -8,8 +8,9 @@ const LOG_KEEP = 300;
 const TERMINAL = new Set(["Stopped", "Failed"]);
 
 let logNext = 0;
-let polling = null;
-let latest = null;
+let polling = false;
+let timer = null;
+let pending = null; // the poll under way: polls never overlap, so no log line is shown twice
 
 function apiKey() { return sessionStorage.getItem(KEY_ITEM) || ""; }
 
@@ -57,7 +58,12 @@ function setConnection(text, kind) {
   badge.className = "badge " + (kind || "");
 }
 
-async function poll() {
+function poll() {
+  if (pending === null) pending = fetchState().finally(() => { pending = null; });
+  return pending;
+}
+
+async function fetchState() {
   let response;
   try {
     response = await fetch(`/ui/state?since=${logNext}`, { headers: headers(), cache: "no-store" });
@@ -75,23 +81,28 @@ async function poll() {
     return;
   }
   const state = await response.json();
-  latest = state;
   setConnection(state.gateway.draining ? "draining" : "live", state.gateway.draining ? "bad" : "ok");
   render(state);
+}
+
+async function pollForever() {
+  await poll();
+  if (polling) timer = setTimeout(pollForever, POLL_MS);
 }
 
 function startPolling() {
   document.getElementById("key-form").hidden = true;
   document.getElementById("dashboard").hidden = false;
-  if (polling === null) {
-    poll();
-    polling = setInterval(poll, POLL_MS);
+  if (!polling) {
+    polling = true;
+    pollForever();
   }
 }
 
 function stopPolling() {
-  if (polling !== null) clearInterval(polling);
-  polling = null;
+  polling = false;
+  if (timer !== null) clearTimeout(timer);
+  timer = null;
 }
 
 function showKeyForm(message) {
@@ -248,9 +259,14 @@ function renderInstances(instances) {
 }
 
 function renderLog(log) {
+  const pre = document.getElementById("log");
+  if (log.next < logNext) { // the gateway restarted and numbers its records from 0 again
+    pre.replaceChildren();
+    logNext = 0;
+    return;
+  }
   logNext = log.next;
   if (!log.records.length) return;
-  const pre = document.getElementById("log");
   for (const record of log.records) {
     const { seq, ...fields } = record;
     pre.append(el("span", { class: record.level, "data-seq": seq }, JSON.stringify(fields) + "\n"));
