@@ -266,6 +266,9 @@ async def test_with_auth_on_the_page_is_open_and_empty_and_the_state_needs_a_key
         for path in dashboard.ASSETS:
             status, body = await fetch(h, "GET", path)
             assert status == 200 and "secret-model" not in body and gs.NODE not in body, path
+        async with aiohttp.ClientSession() as session, session.get(h.base_url + "/ui") as response:
+            assert response.headers["Content-Security-Policy"].startswith("default-src 'self'")
+            assert response.headers["X-Frame-Options"] == "DENY"
         page = (await fetch(h, "GET", "/ui"))[1]
         assert "/ui/dashboard.js" in page and "sessionStorage" in (await fetch(h, "GET", "/ui/dashboard.js"))[1]
         unauthorized = {"error": {"message": "Unauthorized", "type": "authentication_error", "param": None,

@@ -36,6 +36,14 @@ ASSETS = {
     "/ui/dashboard.css": ("dashboard.css", "text/css"),
     "/ui/dashboard.js": ("dashboard.js", "text/javascript"),
 }
+# Nothing but this gateway's own files and API (the favicon is an empty data: URL, so none is requested),
+# and no framing: the page's buttons act with the admin key.
+ASSET_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+}
 LOG_LINES = 200  # log records a state document carries at most
 BUILD_EVENTS = ("llama_build",)  # the build manager's progress, result and rollback events
 DRAIN_REASON = "admin: drained from the dashboard"
@@ -76,7 +84,7 @@ async def _asset(request: web.Request) -> web.Response:
         body=body,
         content_type=content_type,
         charset="utf-8",
-        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+        headers=ASSET_HEADERS,
     )
 
 
