@@ -54,7 +54,7 @@ _TERMINAL = frozenset({resources.Phase.STOPPED, resources.Phase.FAILED})
 class Dashboard:
     """The dashboard's memory while the gateway runs."""
 
-    rates: history.RateHistory = dataclasses.field(default_factory=history.RateHistory)
+    rates: history.RateHistory = dataclasses.field(default_factory=history.RateHistory)  # 150 samples: 5 minutes
     tail: history.LogTail = dataclasses.field(default_factory=history.LogTail)
     sample_interval_s: float = 2.0
 
@@ -67,9 +67,9 @@ class InstanceNotFound(errors.GatewayError):
     error_type = "invalid_request_error"
 
 
-def add_routes(app: web.Application, *, sample_interval_s: float = 2.0) -> None:
+def add_routes(app: web.Application) -> None:
     """The page, its assets, the state document and the drain action; the sampler and log tail at startup."""
-    app[DASHBOARD] = Dashboard(sample_interval_s=sample_interval_s)
+    app[DASHBOARD] = Dashboard()
     for path in ASSETS:
         app.router.add_get(path, _asset)
     app.router.add_get("/ui/state", state)
