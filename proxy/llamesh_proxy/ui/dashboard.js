@@ -86,7 +86,11 @@ async function fetchState() {
 }
 
 async function pollForever() {
-  await poll();
+  try {
+    await poll();
+  } catch (err) { // e.g. a body that is not JSON: say so, and keep polling
+    setConnection(`error: ${err.message}`, "bad");
+  }
   if (polling) timer = setTimeout(pollForever, POLL_MS);
 }
 
