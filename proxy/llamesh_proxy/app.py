@@ -27,6 +27,7 @@ from llamesh_api import config, store
 from llamesh_proxy import (
     catalog,
     connections,
+    dashboard,
     endpoints,
     errors,
     following,
@@ -109,6 +110,7 @@ def _add_routes(app: web.Application) -> None:
     router.add_get("/metrics/json", endpoints.metrics_json)
     router.add_post("/admin/prewarm", endpoints.prewarm)
     router.add_post("/admin/rebuild-llama", endpoints.rebuild_llama)
+    dashboard.add_routes(app)
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

@@ -1,8 +1,9 @@
 """API-key authentication for client requests.
 
 With `auth.enabled`, a request carries its key in `auth.required_header` (default `x-api-key`) or as
-`Authorization: Bearer <key>` (what OpenAI SDKs send). Probes (/healthz, /health, /readyz, /version) stay
-open; everything else — the OpenAI routes, /metrics, and the admin endpoints — needs an accepted key.
+`Authorization: Bearer <key>` (what OpenAI SDKs send). Probes (/healthz, /health, /readyz, /version) and the
+dashboard's page and assets (/ui: no data in them; the page asks for a key) stay open; everything else — the
+OpenAI routes, /metrics, the dashboard's state and the admin endpoints — needs an accepted key.
 Keys are compared in constant time against every configured key, as the seed does.
 
 This module decides who may call; it does not rate-limit or scope keys to models.
@@ -18,7 +19,7 @@ from aiohttp import typedefs, web
 from llamesh_api import config
 from llamesh_proxy import errors
 
-OPEN_PATHS = frozenset({"/healthz", "/health", "/readyz", "/version"})
+OPEN_PATHS = frozenset({"/healthz", "/health", "/readyz", "/version", "/ui", "/ui/dashboard.css", "/ui/dashboard.js"})
 _BEARER = "bearer "
 
 
