@@ -24,6 +24,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class Routing(enum.StrEnum):
+    AFFINITY = "affinity"
+    LEAST_LOADED = "least_loaded"
+
+
 class ModelDefaults(_Section):
     max_concurrent_requests_per_instance: int = Field(
         0, ge=0, description="Requests one instance serves at once before others queue; 0 = unlimited."
@@ -34,6 +39,11 @@ class ModelDefaults(_Section):
     max_request_duration_ms: int = Field(0, ge=0, description="Longest request; 0 = unlimited.")
     min_eviction_tenure_secs: int = Field(
         15, ge=0, description="Serve time before a busy instance may be drained for a competing model."
+    )
+    routing: Routing = Field(
+        Routing.AFFINITY,
+        description="How a request picks among a profile's ready instances: affinity (the instance that likely "
+        "holds its prompt's KV cache, within a load bound) or least_loaded (fewest requests in flight).",
     )
 
 

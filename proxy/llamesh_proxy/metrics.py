@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 LATENCY_SAMPLES = 100
 DROP_REASONS = ("full", "timeout", "global_limit")
+AFFINITY_RESULTS = ("hit", "miss", "fallback", "none")  # affinity.Result's values
 
 
 NODE_GAUGES = {
@@ -111,6 +112,7 @@ class Metrics:
         self.queue_wait_count = 0
         self.hashes: dict[str, HashStats] = {}
         self.streaming = Streaming()
+        self.affinity: dict[str, int] = dict.fromkeys(AFFINITY_RESULTS, 0)  # per process, like Streaming
 
     def hash(self, args_hash: str, display: str) -> HashStats:
         stats = self.hashes.get(args_hash)
@@ -232,6 +234,15 @@ class Collector(prometheus_registry.Collector):
             "Local instances stopped by the wedged-instance watchdog.",
             live.wedged_instances_killed,
         )
+        routed = CounterMetricFamily(
+            "proxy_affinity",
+            "Requests routed, by KV-cache affinity outcome: hit (to the instance that served its prompt before), "
+            "miss (new or re-homed key), fallback (its instance was full or over the load bound), none (no key).",
+            labels=["result"],
+        )
+        for result, count in m.affinity.items():
+            routed.add_metric([result], count)
+        yield routed
         for name, help_text, count in _streaming_series(m.streaming):
             yield CounterMetricFamily(name, help_text, count)
         yield from self._hash_families()
