@@ -98,6 +98,7 @@ class Live:
     queue_length: int
     node_gauges: dict[str, float]
     wedged_instances_killed: int = 0  # this node's LlamaNode status.wedged_instances_killed
+    kv_cache: dict[str, int] = dataclasses.field(default_factory=dict)  # this node's saves, restored, failed
 
 
 class Metrics:
@@ -243,6 +244,20 @@ class Collector(prometheus_registry.Collector):
         for result, count in m.affinity.items():
             routed.add_metric([result], count)
         yield routed
+        yield CounterMetricFamily(
+            "proxy_kv_cache_saves",
+            "Slot KV caches this node saved to disk before an idle or evicted instance stopped.",
+            live.kv_cache.get("saves", 0),
+        )
+        restores = CounterMetricFamily(
+            "proxy_kv_cache_restores",
+            "Saved slot KV caches loaded into a new instance on this node: restored, or failed (refused, empty or "
+            "saved by another llama.cpp build; that conversation's prompt is read again).",
+            labels=["result"],
+        )
+        restores.add_metric(["restored"], live.kv_cache.get("restored", 0))
+        restores.add_metric(["failed"], live.kv_cache.get("failed", 0))
+        yield restores
         for name, help_text, count in _streaming_series(m.streaming):
             yield CounterMetricFamily(name, help_text, count)
         yield from self._hash_families()
