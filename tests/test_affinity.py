@@ -6,14 +6,15 @@ ids; None for short or shapeless prompts); the choice (a remembered instance is 
 rendezvous home, keys spread over instances, a full or over-bound home falls back to a free instance and
 never queues, no key is least loaded, an evicted instance's keys re-home with no error); the bounded table
 (LRU bound, re-homing to an instance that restored the caches); through `queueing.Board`: a conversation
-sticks to its instance, waiters granted a slot re-home their key, `routing: least_loaded` ignores keys.
+sticks to its instance, waiters granted a slot re-home their key, `routing: least_loaded` ignores keys; the
+prompt tokens llama-server reused, read from the end of its answer.
 """
 
 from __future__ import annotations
 
 import collections
 
-from llamesh_proxy import affinity, queueing
+from llamesh_proxy import affinity, forwarder, queueing
 from llamesh_proxy.affinity import Result
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant who answers in full sentences. " * 4}
@@ -250,3 +251,11 @@ def test_least_loaded_routing_ignores_keys() -> None:
     assert isinstance(first, queueing.Admitted) and isinstance(second, queueing.Admitted)
     assert first.instance != second.instance and second.affinity is Result.NONE
     assert board.affinity_keys(POOL) == 0
+
+
+def test_the_reused_prompt_tokens_are_read_from_the_answer_s_timings() -> None:
+    whole = b'{"choices":[],"timings":{"cache_n":1131,"prompt_n":75,"predicted_n":24}}'
+    assert forwarder.cached_tokens(whole) == 1131
+    stream = b'data: {"choices":[]}\n\ndata: {"choices":[],"timings":{"cache_n":0,"prompt_n":900}}\n\ndata: [DONE]\n\n'
+    assert forwarder.cached_tokens(stream) == 0
+    assert forwarder.cached_tokens(b'{"choices":[],"usage":{"completion_tokens":3}}') is None

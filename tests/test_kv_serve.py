@@ -5,7 +5,9 @@ Covers: with two instances of one profile, each of eight multi-turn conversation
 (both instances used), llama-server's timings show the history read from its cache on every follow-up
 turn, and `proxy_affinity_total` counts the follow-ups as hits; with `kv_cache` on, an instance stopped
 for idleness saves its slot, the next instance restores it before it is Ready, and the conversation's next
-turn reads only its new tokens (`proxy_kv_cache_*` count the save and the restore).
+turn reads only its new tokens (`proxy_kv_cache_*` count the save and the restore); a restored cache that
+llama-server then does not use (prompt caching off) serves the turn from a cold prompt and is counted as
+`unused`.
 """
 
 from __future__ import annotations
@@ -188,3 +190,42 @@ models:
         assert not any(kv.glob("*/*.slot*.bin"))  # the file moved into the new instance
         assert await node.metric("proxy_kv_cache_restores_total", result="restored") == 1
         assert await node.metric("proxy_kv_cache_restores_total", result="failed") == 0
+        assert await node.metric("proxy_kv_cache_restores_total", result="unused") == 0
+        assert await node.metric("proxy_affinity_cache_total", result="reused") == 1  # the restored turn
+
+
+async def test_a_restored_cache_that_llama_server_does_not_use_is_counted(
+    tmp_path: Path, llama_server_binary: Path, chat_model: Path
+) -> None:
+    # --no-cache-prompt: llama-server loads the saved slot, then reads every prompt from scratch anyway,
+    # as a sliding-window model without --swa-full does with a restored slot
+    cookbook = f"""
+models:
+  - name: tiny
+    profiles:
+      - id: default
+        model_path: {chat_model}
+        llama_server_args: "-c 2048 -np 1 --no-cache-prompt"
+        idle_timeout_seconds: 2
+"""
+    kv = tmp_path / "kv"
+    settings = {"kv_cache": {"enabled": True, "directory": str(kv), "min_cached_tokens": 256}}
+    async with serving(tmp_path, llama_server_binary, cookbook, **settings) as node:
+        history: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": "List the lighthouses of the northern coast, one by one. " * 12}
+        ]
+        first = await node.client.chat.completions.create(model="tiny", messages=history, max_tokens=4)
+        history += [
+            {"role": "assistant", "content": first.choices[0].message.content or ""},
+            {"role": "user", "content": "Which is the oldest?"},
+        ]
+
+        async def evicted_and_saved() -> bool:
+            return node.llama_ports() == [] and any(kv.glob("*/*.slot*.bin"))
+
+        await waiting.eventually(evicted_and_saved, within_s=60)
+        second = await node.client.chat.completions.create(model="tiny", messages=history, max_tokens=4)
+        assert timings(second)["cache_n"] == 0  # served from a cold prompt, as if nothing had been saved
+        assert await node.metric("proxy_kv_cache_restores_total", result="restored") == 1
+        assert await node.metric("proxy_kv_cache_restores_total", result="unused") == 1
+        assert await node.metric("proxy_affinity_cache_total", result="cold") == 1

@@ -75,6 +75,7 @@ class Dispatcher:
         self._creating: set[asyncio.Task[None]] = set()
         self.sharing: sharing.SlotClaims | None = None  # set when replicas share slots
         self.last_request_at: dict[str, float] = {}  # instance → time.time() of its last start or end
+        self._restores_checked: set[str] = set()  # restored instances whose first returning request was seen
 
     async def acquire(self, target: catalog.Target, *, key: str | None = None) -> Lease:
         """A slot for `target`, now or after waiting in its queue; raises the seed's 503s (or 404/500).
@@ -121,6 +122,28 @@ class Dispatcher:
         queued_ms = (time.monotonic() - started) * 1000
         self._metrics.observe_queue_wait(queued_ms)
         return dataclasses.replace(lease, queued_ms=queued_ms)
+
+    def observe_cache(self, lease: Lease, cached_tokens: int | None) -> None:
+        """What llama-server said it reused for a request routed by affinity (`timings.cache_n`).
+
+        A hit that reused nothing means its cache was gone (evicted from the slot and the RAM cache). The first
+        hit on an instance that restored saved caches checks the restore: nothing reused there means llama-server
+        could not use what it loaded (e.g. a sliding-window model without `--swa-full`), counted and logged."""
+        if lease.affinity is not affinity.Result.HIT or cached_tokens is None:
+            return
+        self._metrics.affinity_cache["reused" if cached_tokens else "cold"] += 1
+        if lease.instance in self._restores_checked or self.catalog.restored_from(lease.instance) is None:
+            return
+        if len(self._restores_checked) > 4096:  # names of long-gone instances: forget them all, rarely
+            self._restores_checked.clear()
+        self._restores_checked.add(lease.instance)
+        if cached_tokens == 0:
+            self._metrics.kv_cache_restores_unused += 1
+            logger.warning(
+                "instance %s restored saved KV caches, but its first returning conversation reused none of them",
+                lease.instance,
+                extra={"event": "kv_cache_restore_unused", "instance": lease.instance},
+            )
 
     def release(self, lease: Lease) -> None:
         self.last_request_at[lease.instance] = time.time()

@@ -152,6 +152,8 @@ async def _forward(
             exchange.tokens = relay.tokens
             exchange.client_gone = relay.client_gone
             exchange.upstream_failed = relay.upstream_failed
+            exchange.cached_tokens = relay.cached_tokens
+            gw.dispatcher.observe_cache(lease, relay.cached_tokens)
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 

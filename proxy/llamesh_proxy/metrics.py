@@ -114,6 +114,8 @@ class Metrics:
         self.hashes: dict[str, HashStats] = {}
         self.streaming = Streaming()
         self.affinity: dict[str, int] = dict.fromkeys(AFFINITY_RESULTS, 0)  # per process, like Streaming
+        self.affinity_cache: dict[str, int] = {"reused": 0, "cold": 0}  # affinity hits: did llama-server reuse?
+        self.kv_cache_restores_unused = 0  # restored instances whose first returning request reused nothing
 
     def hash(self, args_hash: str, display: str) -> HashStats:
         stats = self.hashes.get(args_hash)
@@ -244,6 +246,14 @@ class Collector(prometheus_registry.Collector):
         for result, count in m.affinity.items():
             routed.add_metric([result], count)
         yield routed
+        reuse = CounterMetricFamily(
+            "proxy_affinity_cache",
+            "Affinity hits by whether llama-server reported prompt tokens reused from its KV cache (timings.cache_n).",
+            labels=["result"],
+        )
+        for result, count in m.affinity_cache.items():
+            reuse.add_metric([result], count)
+        yield reuse
         yield CounterMetricFamily(
             "proxy_kv_cache_saves",
             "Slot KV caches this node saved to disk before an idle or evicted instance stopped.",
@@ -252,11 +262,13 @@ class Collector(prometheus_registry.Collector):
         restores = CounterMetricFamily(
             "proxy_kv_cache_restores",
             "Saved slot KV caches loaded into a new instance on this node: restored, or failed (refused, empty or "
-            "saved by another llama.cpp build; that conversation's prompt is read again).",
+            "saved by another llama.cpp build; that conversation's prompt is read again); unused (counted by this "
+            "gateway): restored, yet the first returning request reused none of it.",
             labels=["result"],
         )
         restores.add_metric(["restored"], live.kv_cache.get("restored", 0))
         restores.add_metric(["failed"], live.kv_cache.get("failed", 0))
+        restores.add_metric(["unused"], m.kv_cache_restores_unused)
         yield restores
         for name, help_text, count in _streaming_series(m.streaming):
             yield CounterMetricFamily(name, help_text, count)
