@@ -10,10 +10,10 @@ both answer /health:
 
 1. **Conversations**: `--conversations` concurrent chats of `--turns` turns each, every turn streamed; the
    first user message is a different text per conversation of about 700 tokens and each turn adds a question
-   and a 24-token answer, so histories pass 1k tokens; starts are staggered over 3 s and each conversation
-   thinks 0.5-4 s between turns. Time to first token (TTFT) of each turn, with `routing: affinity` and with
-   `routing: least_loaded`, in `--rounds` rounds that alternate the order of the modes; the median TTFT of
-   turns >= 2 over all rounds is the figure.
+   and an answer of 8-40 tokens, so histories pass 1k tokens; starts are staggered over `--stagger` s (6)
+   and each conversation thinks `--think` s (1-8) between turns. Time to first token (TTFT) of each turn,
+   with `routing: affinity` and with `routing: least_loaded`, in `--rounds` rounds that alternate the order
+   of the modes; the median TTFT of turns >= 2 over all rounds is the figure.
 2. **No shared prefixes**: 32 one-off completions of unique ~400-token prompts, 8 at a time, each mode;
    requests/s and generated tokens/s (affinity must cost nothing where there is nothing to reuse).
 3. **Eviction**: one instance with a 3 s idle timeout; a 3-turn conversation (~1.2k tokens), the instance
@@ -220,22 +220,26 @@ async def stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any])
     return Answer(ttft if ttft is not None else total, total, "".join(pieces), tokens, timings)
 
 
-async def conversations(server: Server, *, count: int, turns: int) -> dict[str, Any]:
+async def conversations(
+    server: Server, *, count: int, turns: int, think_s: tuple[float, float], stagger_s: float
+) -> dict[str, Any]:
     url = server.base_url + "/v1/chat/completions"
     ttft_by_turn: list[list[float]] = [[] for _ in range(turns)]
     cached: list[int] = []
 
     async def talk(number: int, session: aiohttp.ClientSession) -> None:
-        # People do not type in lockstep: a staggered start and a think time between turns (seeded, the same
-        # in both modes). Without them, a batch of requests that ends together on one instance goes back to
-        # that same (now least loaded) instance, and least-loaded routing looks affine by accident.
+        # People do not type in lockstep: staggered starts, answers of different lengths and a think time
+        # between turns (seeded: the same in both modes). Without them, the requests of one llama-server batch
+        # end together and go back to the instance they just left (the least loaded one then), and
+        # least-loaded routing looks affine by accident.
         rng = random.Random(number)
-        await asyncio.sleep(rng.uniform(0, 3))
+        await asyncio.sleep(rng.uniform(0, stagger_s))
         messages = [{"role": "user", "content": f"Story {number}. " + text(number, 650)}]
         for turn in range(turns):
             if turn:
-                await asyncio.sleep(rng.uniform(0.5, 4))
-            answer = await stream(session, url, {"model": MODEL, "messages": messages, "max_tokens": 24})
+                await asyncio.sleep(rng.uniform(*think_s))
+            body = {"model": MODEL, "messages": messages, "max_tokens": rng.randint(8, 40)}
+            answer = await stream(session, url, body)
             ttft_by_turn[turn].append(answer.ttft_s)
             if turn:
                 cached.append(int(answer.timings.get("cache_n", 0)))
@@ -333,6 +337,8 @@ async def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--think", type=float, nargs=2, default=[1.0, 8.0], help="think time range between turns, s")
+    parser.add_argument("--stagger", type=float, default=6.0, help="conversations start within this many seconds")
     parser.add_argument("--rounds", type=int, default=2, help="conversation rounds per mode, modes alternating")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path, help="keep configs and logs here (default: a temporary folder)")
@@ -350,7 +356,13 @@ async def main() -> None:
             for routing in modes:
                 folder = root / f"conv-{routing}-{number}"
                 async with serving(folder, binary, model, routing=routing, instances=2) as server:
-                    found = await conversations(server, count=options.conversations, turns=options.turns)
+                    found = await conversations(
+                        server,
+                        count=options.conversations,
+                        turns=options.turns,
+                        think_s=(options.think[0], options.think[1]),
+                        stagger_s=options.stagger,
+                    )
                     results.setdefault(f"conversations_{routing}", []).append(found)
                     print(routing, "conversations", json.dumps(found), "load", os.getloadavg()[0], flush=True)
         for routing in ("least_loaded", "affinity"):
