@@ -142,13 +142,19 @@ def choose(
     `load(instance)` is the requests in flight there, `has_room(instance, load)` whether it takes one more.
     Without a key: the least loaded with room (the first of equals, in `instances` order).
     """
+    if key is None:  # the common case, on every request: one pass, nothing built
+        best: str | None = None
+        best_load = 0
+        for instance in instances:
+            current = load(instance)
+            if has_room(instance, current) and (best is None or current < best_load):
+                best, best_load = instance, current
+        return Choice(best, Result.NONE) if best is not None else None
     loads = {instance: load(instance) for instance in instances}
     open_ = [instance for instance in instances if has_room(instance, loads[instance])]
     if not open_:
         return None
     least = min(open_, key=loads.__getitem__)
-    if key is None:
-        return Choice(least, Result.NONE)
     # Bounded loads (Mirrokni et al.): with this request counted, no instance above ceil(balance x average).
     bound = math.ceil(balance * (sum(loads.values()) + 1) / len(instances))
     order = sorted(instances, key=lambda instance: _weight(key, instance), reverse=True)
