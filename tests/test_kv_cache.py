@@ -2,7 +2,8 @@
 
 Covers: which slots are worth saving (enough cached tokens, idle, well-formed); pruning to the disk budget
 least recently written first; newest files restored first, one per slot; the folder per args hash and its
-manifest (files saved by another llama.cpp build are deleted unread and counted); and with the real
+manifest (files saved by another llama.cpp build are deleted unread and counted; a file another instance
+is restoring is not offered); and with the real
 llama-server: a slot saved from one process and restored into a new one makes the next turn of the
 conversation read only its new tokens (timings `cache_n` / `prompt_n`), while a corrupt or foreign file is
 refused by llama-server, counted as failed, deleted, and the request still served from a cold prompt.
@@ -63,6 +64,9 @@ def test_prepare_keeps_files_of_the_same_build_and_deletes_another_builds(tmp_pa
     assert cache.prepare("h1", llama_cpp_version="v2") == 1  # saved by another build: never loaded
     assert cache.files("h1") == []
     assert cache.files("h2") == []  # another args hash has its own folder
+    (cache.directory("h2")).mkdir()
+    (cache.directory("h2") / "x.slot0.claimed-other.bin").write_bytes(b"1")
+    assert cache.files("h2") == []  # being restored by another instance: not offered again
 
 
 def test_prune_holds_the_budget_across_args_hashes(tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ the llama.cpp version that saved the files (`manifest.json`): files of another b
 
 - Save: before a drained instance stops (idle, evicted for capacity; not a crash, not a removed or changed
   profile), every slot whose prompt holds at least `min_cached_tokens` tokens is saved as
-  `<instance>.slot<id>.bin`. Then the folder tree is pruned to `max_disk_mb`, least recently written first.
+  `<instance>.slot<id>.bin`. Then the folder tree is pruned to `max_disk_mb`, least recently written first
+  (files an agent died while restoring included).
 - Restore: when an instance of that hash has answered /health and before it is reported READY, the newest
-  files (at most one per slot) are loaded into its slots and deleted: they now live in the instance and are
+  files (at most one per slot) are claimed (renamed, so two instances starting at once never load the same
+  file), loaded into its slots and deleted: they now live in the instance and are
   saved again when it stops. llama-server then picks the restored slot for a returning conversation by
   prompt similarity, and the gateway routes the conversations of the instance that saved them there
   (`status.kvCacheRestoredFrom`). A file refused, or that restored no tokens, is counted and deleted; its
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SUFFIX = ".bin"
+CLAIMED = ".claimed-"  # a file being restored, renamed first so two starting instances never load the same one
 _FILE = re.compile(r"(?P<instance>.+)\.slot(?P<slot>[0-9]+)\.bin")
 
 
@@ -131,8 +134,8 @@ class SlotCache:
         return stale
 
     def files(self, args_hash: str) -> list[SavedFile]:
-        """The saved files of an args hash (blocking)."""
-        return _listing(self.directory(args_hash).glob(f"*{SUFFIX}"))
+        """The saved files of an args hash that no instance is restoring (blocking)."""
+        return [f for f in _listing(self.directory(args_hash).glob(f"*{SUFFIX}")) if CLAIMED not in f.path.name]
 
     def prune(self) -> int:
         """Delete least recently written files over the budget, across every args hash (blocking)."""
@@ -203,8 +206,13 @@ class SlotCache:
                 slots = []
             slot_ids = [slot["id"] for slot in slots if isinstance(slot, dict) and type(slot.get("id")) is int]
             for slot_id, file in to_restore(files, slot_ids=slot_ids):
+                claimed = file.path.with_name(f"{file.path.stem}{CLAIMED}{instance}{SUFFIX}")
                 try:
-                    answer = await _slot_action(session, base_url, slot_id, "restore", file.path.name)
+                    await asyncio.to_thread(file.path.rename, claimed)
+                except OSError:
+                    continue  # another instance starting at the same time took it
+                try:
+                    answer = await _slot_action(session, base_url, slot_id, "restore", claimed.name)
                     tokens = answer.get("n_restored")
                     if type(tokens) is not int or tokens <= 0:
                         raise KvCacheError(f"it restored no tokens ({answer})")
@@ -235,7 +243,7 @@ class SlotCache:
                         },
                     )
                 with contextlib.suppress(OSError):
-                    await asyncio.to_thread(file.path.unlink)
+                    await asyncio.to_thread(claimed.unlink)
         return Restored(slots=restored, failed=failed, source=source)
 
 
