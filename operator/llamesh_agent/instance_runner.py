@@ -33,14 +33,25 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from llamesh_agent import downloads, introspect, launch, plan, ports, supervisor
-from llamesh_api import cookbook, resources, store, writes
+from llamesh_agent import downloads, introspect, kv_cache, launch, plan, ports, supervisor
+from llamesh_api import cookbook, launch_args, resources, store, writes
 
 log = logging.getLogger(__name__)
 
 
 class ParamsListener(Protocol):
     def __call__(self, runner: InstanceRunner, params: dict[str, Any], /) -> None: ...
+
+
+class KvCacheListener(Protocol):
+    """Counts slot caches saved, restored, and not restored (refused, empty, or of another build)."""
+
+    def __call__(self, *, saved: int = 0, restored: int = 0, failed: int = 0) -> None: ...
+
+
+SLOT_SAVE_FLAGS = ("--slot-save-path",)
+# drains whose caches are worth nothing to a later instance: its args hash (or llama.cpp build) is gone
+_NO_SAVE_CAUSES = frozenset({"profile_changed", "profile_removed", "llama_cpp_updated"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +79,8 @@ class InstanceRunner:
         on_params: ParamsListener,
         settings: RunnerSettings | None = None,
         env: Mapping[str, str] | None = None,
+        slot_cache: kv_cache.SlotCache | None = None,
+        on_kv_cache: KvCacheListener | None = None,
     ) -> None:
         self.name = instance.name
         self.uid = instance.metadata.uid
@@ -100,6 +113,8 @@ class InstanceRunner:
         self._stop_cause = "stopped"  # the instance_terminate reason
         self._publish_stop = True
         self._sampled = False
+        self._slot_cache = slot_cache  # None, or until the profile manages --slot-save-path itself
+        self._on_kv_cache = on_kv_cache
 
     @property
     def pid(self) -> int | None:
@@ -115,10 +130,13 @@ class InstanceRunner:
 
     # --- commands from the agent --------------------------------------------------------------------
 
-    def request_stop(self, reason: str, *, publish: bool = True, cause: str = "manual") -> None:
+    def request_stop(
+        self, reason: str, *, publish: bool = True, cause: str = "manual", save_cache: bool = False
+    ) -> None:
         """Stop the instance (SIGTERM, then SIGKILL); `publish=False` when its status is not ours to write.
 
-        `reason` is the sentence for status and logs; `cause` the short word instance_terminate carries."""
+        `reason` is the sentence for status and logs; `cause` the short word instance_terminate carries;
+        `save_cache`: save its slots' KV caches first (a drain; not for a removed or changed profile)."""
         if self._stop_reason is not None:
             return
         log.info("instance %s: stopping: %s", self.name, reason, extra=self._fields("instance_stopping", reason=cause))
@@ -127,7 +145,22 @@ class InstanceRunner:
         if self._download is not None:
             self._download.cancel()
         if self._supervisor is not None:
-            self._stopper = asyncio.create_task(self._supervisor.stop(), name=f"stop-{self.name}")
+            save = save_cache and cause not in _NO_SAVE_CAUSES
+            self._stopper = asyncio.create_task(self._stop(self._supervisor, save=save), name=f"stop-{self.name}")
+
+    async def _stop(self, sup: supervisor.Supervisor, *, save: bool) -> supervisor.State:
+        """Stop the process; first save its slots' KV caches when asked and it is serving."""
+        if save and self._slot_cache is not None and sup.state is supervisor.State.READY:
+            try:
+                saved = await self._slot_cache.save(
+                    f"http://{sup.host}:{sup.port}", args_hash=self.args_hash, instance=self.name
+                )
+            except Exception:  # a cache is never worth failing a stop for
+                log.exception("instance %s: saving KV caches failed", self.name, extra=self._fields("kv_cache_failed"))
+            else:
+                if saved and self._on_kv_cache is not None:
+                    self._on_kv_cache(saved=saved)
+        return await sup.stop()
 
     async def note_drain(self, now: float) -> None:
         """The instance is to drain: remember when that was first seen and report DRAINING."""
@@ -191,6 +224,7 @@ class InstanceRunner:
         if self._stop_reason is not None:
             await self._finish_stopped()
             return
+        args = await self._with_slot_save_path(args)
         try:
             sup = supervisor.Supervisor(
                 binary=self._binary,
@@ -210,6 +244,43 @@ class InstanceRunner:
             await self._on_ready(sup)
             state = await sup.wait()
         await self._finish(sup, state)
+
+    async def _with_slot_save_path(self, args: list[str]) -> list[str]:
+        """`args` with this args hash's saved-cache folder, when caches are kept (and the profile sets none)."""
+        cache = self._slot_cache
+        if cache is None:
+            return args
+        if launch_args.has_flag(args, SLOT_SAVE_FLAGS):
+            self._slot_cache = None  # the profile keeps its own caches; the agent leaves them alone
+            return args
+        try:
+            stale = await asyncio.to_thread(cache.prepare, self.args_hash, llama_cpp_version=self._version)
+        except OSError as exc:
+            log.warning(
+                "instance %s: no KV cache folder (%s); running without saved caches",
+                self.name,
+                exc,
+                extra=self._fields("kv_cache_failed"),
+            )
+            self._slot_cache = None
+            return args
+        if stale and self._on_kv_cache is not None:
+            self._on_kv_cache(failed=stale)
+        return [*args, "--slot-save-path", str(cache.directory(self.args_hash))]
+
+    async def _restore_slots(self, sup: supervisor.Supervisor) -> kv_cache.Restored:
+        if self._slot_cache is None:
+            return kv_cache.Restored()
+        try:
+            restored = await self._slot_cache.restore(
+                f"http://{sup.host}:{sup.port}", args_hash=self.args_hash, instance=self.name
+            )
+        except Exception:  # a cache is never worth failing a start for
+            log.exception("instance %s: restoring KV caches failed", self.name, extra=self._fields("kv_cache_failed"))
+            return kv_cache.Restored()
+        if (restored.slots or restored.failed) and self._on_kv_cache is not None:
+            self._on_kv_cache(restored=restored.slots, failed=restored.failed)
+        return restored
 
     async def _fetch(self, source: launch.HfSource, *, timeout_s: float) -> Path | None:
         """The downloaded model file, or None when the download failed or a stop came (status written)."""
@@ -303,6 +374,9 @@ class InstanceRunner:
     async def _on_ready(self, sup: supervisor.Supervisor) -> None:
         if self._stop_reason is not None:
             return  # a stop came as it turned ready: never advertise a process that is being stopped
+        restored = await self._restore_slots(sup)  # before READY: no request may take a slot being restored
+        if self._stop_reason is not None:
+            return
         early = sup.startup_params
 
         def ready(obj: resources.LlamaInstance) -> None:
@@ -315,6 +389,8 @@ class InstanceRunner:
             if early:
                 status.parsed_model_params = dict(early)
                 status.n_slots = early.get("n_slots")
+            status.kv_cache_restored = restored.slots
+            status.kv_cache_restored_from = restored.source
 
         await self._write(ready)
         if self.stage is plan.Stage.STARTING:

@@ -41,7 +41,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llamesh_agent import instance_runner, learned, live_binary, node_status, plan, ports, sampling, updates, wedge
+from llamesh_agent import (
+    instance_runner,
+    kv_cache,
+    learned,
+    live_binary,
+    node_status,
+    plan,
+    ports,
+    sampling,
+    updates,
+    wedge,
+)
 from llamesh_api import config, informer, resources, writes
 from llamesh_api import store as store_api  # `store` is NodeAgent's parameter, as the callers spell it
 
@@ -141,6 +152,17 @@ class NodeAgent:
             wedge.Judge(window_s=watchdog.window_ms / 1000, cpu_only=watchdog.cpu_only) if watchdog.enabled else None
         )
         self.wedged_instances_killed = 0  # over the node's life: counting on from what its LlamaNode says
+        kv = node_config.kv_cache
+        self._slot_cache = (
+            kv_cache.SlotCache(
+                config.resolve_path(kv.directory, base_dir=config_dir),
+                budget_bytes=kv.max_disk_mb * 1024 * 1024,
+                min_tokens=kv.min_cached_tokens,
+            )
+            if kv.enabled
+            else None
+        )
+        self.kv_cache_saves = self.kv_cache_restores = self.kv_cache_restore_failures = 0  # over the node's life
         self.reconcile_passes = 0  # passes run so far: tests wait for passes instead of guessing with sleeps
 
     # --- public -----------------------------------------------------------------------------------
@@ -168,10 +190,14 @@ class NodeAgent:
         await asyncio.to_thread(self._learned.load)
         if self._sampler is None:
             self._sampler = await asyncio.to_thread(sampling.Sampler.probe)
-        if self._judge is not None:  # count on from the node's count (a report never lowers it: no read otherwise)
+        if self._judge is not None or self._slot_cache is not None:
+            # count on from the node's counts (a report never lowers them: no read otherwise)
             published = await self._store.get(resources.LlamaNode, self.node_name)
             if published is not None:
-                self.wedged_instances_killed = published.status.wedged_instances_killed
+                status = published.status
+                self.wedged_instances_killed = status.wedged_instances_killed
+                self.kv_cache_saves, self.kv_cache_restores = status.kv_cache_saves, status.kv_cache_restores
+                self.kv_cache_restore_failures = status.kv_cache_restore_failures
         await self._publish_node()
         self._background = [
             asyncio.create_task(self._instance_informer.run(), name="agent-watch-instances"),
@@ -238,7 +264,7 @@ class NodeAgent:
             case plan.NoteDrain(instance=name) if runner is not None:
                 await runner.note_drain(now)
             case plan.Stop(instance=name, reason=reason) if runner is not None:
-                runner.request_stop(reason, publish=True, cause=self._drain_cause(name))
+                runner.request_stop(reason, publish=True, cause=self._drain_cause(name), save_cache=True)
             case plan.Abandon(instance=name, reason=reason) if runner is not None:
                 runner.request_stop(reason, publish=False, cause="deleted")
             case plan.NoteDrain() | plan.Stop() | plan.Abandon():
@@ -284,6 +310,8 @@ class NodeAgent:
             on_params=self._learn_params,
             settings=self._timings.runner,
             env=self._child_env,
+            slot_cache=self._slot_cache,
+            on_kv_cache=self._count_kv_cache,
         )
         log.info(
             "instance %s (%s): starting on %s",
@@ -440,12 +468,21 @@ class NodeAgent:
             learned=self._learned.published(build.llama_cpp_version),
             heartbeat_at=store_api.utcnow(),
             wedged_instances_killed=self.wedged_instances_killed,
+            kv_cache_saves=self.kv_cache_saves,
+            kv_cache_restores=self.kv_cache_restores,
+            kv_cache_restore_failures=self.kv_cache_restore_failures,
             last_rollback=self._updates.last_rollback,
             last_rollback_at=self._updates.last_rollback_at,
         )
         await node_status.publish(self._store, self.node_name, report)
 
     # --- memory and learned data ------------------------------------------------------------------
+
+    def _count_kv_cache(self, *, saved: int = 0, restored: int = 0, failed: int = 0) -> None:
+        self.kv_cache_saves += saved
+        self.kv_cache_restores += restored
+        self.kv_cache_restore_failures += failed
+        self._publish_soon.set()
 
     def _learn_params(self, runner: instance_runner.InstanceRunner, params: dict[str, Any]) -> None:
         version = self._binary.status.llama_cpp_version

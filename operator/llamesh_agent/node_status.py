@@ -19,6 +19,8 @@
 - `rebuilds_handled`: how many of `spec.rebuild_requests` have been carried out (never goes down);
 - `wedged_instances_killed`: instances the wedge watchdog killed on this node, over the node's life (the
   agent starts from the count it finds; never goes down);
+- `kv_cache_saves`, `kv_cache_restores`, `kv_cache_restore_failures`: slot KV caches saved before instances
+  stopped, loaded into new ones, and not loaded (`kv_cache`); never go down;
 - `learned`: per args hash, what the node learned (parsed params withheld when another llama.cpp produced
   them; peak memory);
 - `heartbeat_at`: when this was written.
@@ -56,6 +58,9 @@ class NodeReport:
     learned: dict[str, resources.Learned]
     heartbeat_at: datetime.datetime
     wedged_instances_killed: int = 0
+    kv_cache_saves: int = 0  # over the node's life (the agent counts on from what its LlamaNode said)
+    kv_cache_restores: int = 0
+    kv_cache_restore_failures: int = 0
     last_rollback: str | None = None
     last_rollback_at: datetime.datetime | None = None
 
@@ -88,6 +93,9 @@ def apply(node: resources.LlamaNode, report: NodeReport) -> None:
     if report.rebuilds_handled is not None:
         status.rebuilds_handled = max(status.rebuilds_handled, report.rebuilds_handled)
     status.wedged_instances_killed = max(status.wedged_instances_killed, report.wedged_instances_killed)
+    status.kv_cache_saves = max(status.kv_cache_saves, report.kv_cache_saves)
+    status.kv_cache_restores = max(status.kv_cache_restores, report.kv_cache_restores)
+    status.kv_cache_restore_failures = max(status.kv_cache_restore_failures, report.kv_cache_restore_failures)
     status.learned = dict(report.learned)
     status.heartbeat_at = report.heartbeat_at
 

@@ -24,6 +24,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class Routing(enum.StrEnum):
+    AFFINITY = "affinity"
+    LEAST_LOADED = "least_loaded"
+
+
 class ModelDefaults(_Section):
     max_concurrent_requests_per_instance: int = Field(
         0, ge=0, description="Requests one instance serves at once before others queue; 0 = unlimited."
@@ -34,6 +39,11 @@ class ModelDefaults(_Section):
     max_request_duration_ms: int = Field(0, ge=0, description="Longest request; 0 = unlimited.")
     min_eviction_tenure_secs: int = Field(
         15, ge=0, description="Serve time before a busy instance may be drained for a competing model."
+    )
+    routing: Routing = Field(
+        Routing.AFFINITY,
+        description="How a request picks among a profile's ready instances: affinity (the instance that likely "
+        "holds its prompt's KV cache, within a load bound) or least_loaded (fewest requests in flight).",
     )
 
 
@@ -190,6 +200,21 @@ class WedgeDetectorConfig(_Section):
     cpu_only: bool = False
 
 
+class KvCacheConfig(_Section):
+    """Slot KV caches saved to disk before an idle or evicted instance stops, restored by the next one."""
+
+    enabled: bool = Field(False, description="Save and restore slot KV caches (adds --slot-save-path to instances).")
+    directory: str = Field(
+        "./kv-cache", description="Folder of the saved caches, one subfolder per args hash; relative to the config."
+    )
+    max_disk_mb: int = Field(
+        2048, ge=1, description="Disk the saved caches may use on this node; least recently saved files go first."
+    )
+    min_cached_tokens: int = Field(
+        256, ge=1, description="A slot is saved only when its cached prompt holds at least this many tokens."
+    )
+
+
 class LoggingConfig(_Section):
     enabled: bool = Field(False, description="Also write the JSON log lines to a file (stderr always gets them).")
     directory: str = Field("./logs", description="Folder of the log file; relative to the config file's folder.")
@@ -252,6 +277,7 @@ class NodeConfig(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     wedge_detector: WedgeDetectorConfig = Field(default_factory=WedgeDetectorConfig)
+    kv_cache: KvCacheConfig = Field(default_factory=KvCacheConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     server_tls: ServerTlsConfig = Field(default_factory=ServerTlsConfig)

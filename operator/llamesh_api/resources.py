@@ -225,6 +225,14 @@ class InstanceStatus(_Wire):
     spawn_attempts: int = Field(0, description="Process starts tried so far (a failed start is retried).")
     peak_sysmem_mb: int | None = Field(None, description="Highest resident system memory of the process so far, in MB.")
     peak_vram_mb: int | None = Field(None, description="Highest VRAM of the process so far, in MB (NVIDIA only).")
+    kv_cache_restored: int = Field(
+        0, description="Slots whose KV cache this instance restored at start from one an earlier instance saved."
+    )
+    kv_cache_restored_from: str | None = Field(
+        None,
+        description="The instance (same args hash) whose saved KV caches were restored; gateways route its "
+        "conversations here.",
+    )
     usage: dict[str, GatewayUsage] = Field(
         default_factory=dict, description="Per gateway replica name: its traffic here; each writes only its own."
     )
@@ -335,6 +343,17 @@ class NodeStatus(_Wire):
         0,
         description="llama-server processes the wedge watchdog killed here (a slot held at ~0 % CPU and GPU for its "
         "window); never decreases.",
+    )
+    kv_cache_saves: int = Field(
+        0, description="Slot KV caches saved to disk before an instance stopped; never decreases."
+    )
+    kv_cache_restores: int = Field(
+        0, description="Saved slot KV caches loaded into a starting instance of the same args hash; never decreases."
+    )
+    kv_cache_restore_failures: int = Field(
+        0,
+        description="Saved slot KV caches not restored (llama-server refused one, restored nothing, or another "
+        "llama.cpp build saved it): those conversations start from a cold prompt; never decreases.",
     )
     learned: dict[str, Learned] = Field(
         default_factory=dict, description="Keyed by args hash: peak memory and model parameters learned here."

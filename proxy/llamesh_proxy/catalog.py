@@ -173,6 +173,7 @@ class Catalog:
                 max_concurrent=defaults.max_concurrent_requests_per_instance,
                 max_queue=profile.max_queue_size_or(defaults),
                 max_instances=profile.max_instances_or(defaults),
+                affinity=defaults.routing is config.Routing.AFFINITY,
             ),
             max_wait_ms=profile.max_wait_in_queue_ms_or(defaults),
             startup_timeout_s=float(profile.startup_timeout()),
@@ -252,6 +253,13 @@ class Catalog:
 
     def instance(self, name: str) -> resources.LlamaInstance | None:
         return self._instances.get(name)
+
+    def restored_from(self, name: str) -> str | None:
+        """The instance whose saved KV caches `name` restored at start, if it restored any."""
+        instance = self._instances.get(name)
+        if instance is None or not instance.status.kv_cache_restored:
+            return None
+        return instance.status.kv_cache_restored_from
 
     def instances(self) -> list[resources.LlamaInstance]:
         return list(self._instances.values())

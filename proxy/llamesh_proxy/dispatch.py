@@ -26,7 +26,7 @@ import secrets
 import time
 
 from llamesh_api import resources, store
-from llamesh_proxy import catalog, errors, metrics, queueing, sharing
+from llamesh_proxy import affinity, catalog, errors, metrics, queueing, sharing
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Lease:
     instance: str
     url: str
     queued_ms: float
+    affinity: affinity.Result = affinity.Result.NONE  # how the instance was chosen
 
 
 COLD_START_SLACK_S = 30.0  # on top of the startup budget: placement, binding, the agent picking it up
@@ -74,12 +75,18 @@ class Dispatcher:
         self._creating: set[asyncio.Task[None]] = set()
         self.sharing: sharing.SlotClaims | None = None  # set when replicas share slots
         self.last_request_at: dict[str, float] = {}  # instance → time.time() of its last start or end
+        self._restores_checked: set[str] = set()  # restored instances whose first returning request was seen
 
-    async def acquire(self, target: catalog.Target) -> Lease:
-        """A slot for `target`, now or after waiting in its queue; raises the seed's 503s (or 404/500)."""
-        decision = self.board.admit(target.pool, target.policy, name_factory=functools.partial(self._name_for, target))
+    async def acquire(self, target: catalog.Target, *, key: str | None = None) -> Lease:
+        """A slot for `target`, now or after waiting in its queue; raises the seed's 503s (or 404/500).
+
+        `key`: the request's affinity key (`affinity.request_key`), routed by when the policy says so."""
+        decision = self.board.admit(
+            target.pool, target.policy, name_factory=functools.partial(self._name_for, target), key=key
+        )
         if isinstance(decision, queueing.Admitted):
-            return self._lease(decision.ticket, decision.instance, queued_ms=0.0)
+            self._route_decision(decision.instance, decision.affinity, queued=False)
+            return self._lease(decision.ticket, decision.instance, queued_ms=0.0, result=decision.affinity)
         if isinstance(decision, queueing.Rejected):
             raise self._rejection(decision.reason)
         ticket = decision.ticket
@@ -116,6 +123,28 @@ class Dispatcher:
         self._metrics.observe_queue_wait(queued_ms)
         return dataclasses.replace(lease, queued_ms=queued_ms)
 
+    def observe_cache(self, lease: Lease, cached_tokens: int | None) -> None:
+        """What llama-server said it reused for a request routed by affinity (`timings.cache_n`).
+
+        A hit that reused nothing means its cache was gone (evicted from the slot and the RAM cache). The first
+        hit on an instance that restored saved caches checks the restore: nothing reused there means llama-server
+        could not use what it loaded (e.g. a sliding-window model without `--swa-full`), counted and logged."""
+        if lease.affinity is not affinity.Result.HIT or cached_tokens is None:
+            return
+        self._metrics.affinity_cache["reused" if cached_tokens else "cold"] += 1
+        if lease.instance in self._restores_checked or self.catalog.restored_from(lease.instance) is None:
+            return
+        if len(self._restores_checked) > 4096:  # names of long-gone instances: forget them all, rarely
+            self._restores_checked.clear()
+        self._restores_checked.add(lease.instance)
+        if cached_tokens == 0:
+            self._metrics.kv_cache_restores_unused += 1
+            logger.warning(
+                "instance %s restored saved KV caches, but its first returning conversation reused none of them",
+                lease.instance,
+                extra={"event": "kv_cache_restore_unused", "instance": lease.instance},
+            )
+
     def release(self, lease: Lease) -> None:
         self.last_request_at[lease.instance] = time.time()
         self._apply(self.board.release(lease.ticket))
@@ -132,6 +161,10 @@ class Dispatcher:
         if target is None:
             return
         view = self.catalog.pool_view(pool)
+        for name in view.routable:  # an instance that restored another's saved KV caches takes its keys
+            restored_from = self.catalog.restored_from(name)
+            if restored_from is not None:
+                self.board.rehome(pool, restored_from, name)
         changes = self.board.set_instances(
             pool,
             target.policy,
@@ -171,13 +204,15 @@ class Dispatcher:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _lease(self, ticket: int, instance: str, *, queued_ms: float) -> Lease:
+    def _lease(
+        self, ticket: int, instance: str, *, queued_ms: float, result: affinity.Result = affinity.Result.NONE
+    ) -> Lease:
         url = self.catalog.url(instance)
         if url is None:  # granted from the routable list, so it has a URL; kept as a guard
             self._apply(self.board.release(ticket))
             raise errors.UpstreamError(f"Upstream error: instance {instance} has no address")
         self.last_request_at[instance] = time.time()
-        return Lease(ticket=ticket, instance=instance, url=url, queued_ms=queued_ms)
+        return Lease(ticket=ticket, instance=instance, url=url, queued_ms=queued_ms, affinity=result)
 
     def apply(self, changes: queueing.Changes) -> None:
         """Carry out what the board decided (grants, failures, spawns); for `sharing`'s allowance changes."""
@@ -192,8 +227,9 @@ class Dispatcher:
                 if waiter is None or waiter.done():  # its owner is leaving; give the slot to the next one
                     pending.append(self.board.release(grant.ticket))
                     continue
+                self._route_decision(grant.instance, grant.affinity, queued=True)
                 try:
-                    waiter.set_result(self._lease(grant.ticket, grant.instance, queued_ms=0.0))
+                    waiter.set_result(self._lease(grant.ticket, grant.instance, queued_ms=0.0, result=grant.affinity))
                 except errors.GatewayError as exc:
                     waiter.set_exception(exc)
             for failure in current.failures:
@@ -206,6 +242,20 @@ class Dispatcher:
                     self._create(target, spawn.name, resources.Reason.DEMAND)
                 else:
                     pending.append(self.board.create_failed(spawn.pool, spawn.name))
+
+    def _route_decision(self, instance: str, result: affinity.Result, *, queued: bool) -> None:
+        """Count the routing outcome; log it as `route_decision` when affinity had a say (DEBUG otherwise:
+        the request line already names the instance, and one more line per request costs the gateway)."""
+        self._metrics.affinity[result.value] += 1
+        level = logging.DEBUG if result is affinity.Result.NONE else logging.INFO
+        if logger.isEnabledFor(level):
+            logger.log(
+                level,
+                "request goes to %s (affinity %s)",
+                instance,
+                result.value,
+                extra={"event": "route_decision", "instance": instance, "affinity": result.value, "queued": queued},
+            )
 
     def _rejection(self, reason: queueing.RejectReason) -> errors.GatewayError:
         if reason is queueing.RejectReason.DRAINING:

@@ -59,6 +59,7 @@ MAX_REMEMBERED_INSTANCES = 1024
 TAIL_BYTES = 8192
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _PREDICTED_N = re.compile(rb'"predicted_n"\s*:\s*(\d+)')
+_CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')  # llama-server's timings: prompt tokens its KV cache held
 _UPSTREAM_FAILURES = (aiohttp.ClientError, TimeoutError, ConnectionError)
 
 
@@ -68,6 +69,7 @@ class Relay:
 
     status: int = 0
     tokens: int = 0
+    cached_tokens: int | None = None  # llama-server's `timings.cache_n`, when the answer carried it
     client_gone: bool = False
     upstream_failed: bool = False
 
@@ -82,6 +84,12 @@ def completion_tokens(tail: bytes | memoryview, *, data_events: int = 0) -> int:
     if found:
         return int(found[-1])
     return max(data_events - 3, 0)
+
+
+def cached_tokens(tail: bytes | memoryview) -> int | None:
+    """Prompt tokens llama-server took from its KV cache (`timings.cache_n`), if the response says."""
+    found = _CACHE_N.findall(tail)
+    return int(found[-1]) if found else None
 
 
 def upstream_headers(
@@ -185,6 +193,7 @@ class Forwarder:
             raise errors.UpstreamError(f"Failed to read upstream response body: {_describe(exc)}") from None
         if 200 <= upstream.status < 300:
             relay.tokens = completion_tokens(memoryview(payload)[-TAIL_BYTES:])
+            relay.cached_tokens = cached_tokens(memoryview(payload)[-TAIL_BYTES:])
         response = web.Response(status=upstream.status, body=payload, headers=self._client_headers(upstream))
         response.headers["X-Request-Id"] = request_id
         return response
@@ -220,6 +229,7 @@ class Forwarder:
             return response
         ending = b"".join(tail)[-TAIL_BYTES:]
         relay.tokens = completion_tokens(ending, data_events=events)
+        relay.cached_tokens = cached_tokens(ending)
         if relay.upstream_failed:
             # The status is sent: what is left is an error event, then a truncated body (no final chunk).
             with contextlib.suppress(ConnectionResetError):

@@ -124,8 +124,14 @@ class Gateway:
         node = self.catalog.node(self.node_name)
         gauges: dict[str, float] = {}
         wedged_killed = 0
+        kv_cache: dict[str, int] = {}
         if node is not None:
             wedged_killed = node.status.wedged_instances_killed  # this node's: the agent next to us killed them
+            kv_cache = {
+                "saves": node.status.kv_cache_saves,
+                "restored": node.status.kv_cache_restores,
+                "failed": node.status.kv_cache_restore_failures,
+            }
             status = node.status
             gauges = {
                 "active_instances": status.active_instances,
@@ -145,6 +151,7 @@ class Gateway:
             queue_length=self.board.queue_length(),
             node_gauges=gauges,
             wedged_instances_killed=wedged_killed,
+            kv_cache=kv_cache,
         )
 
 

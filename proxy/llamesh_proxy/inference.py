@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamesh_proxy import catalog, errors, forwarder, gateway, metrics, requestlog
+from llamesh_proxy import affinity, catalog, errors, forwarder, gateway, metrics, requestlog
 
 HOPS_HEADER = "X-Llama-Mesh-Hops"
 UNREACHABLE_RETRIES = 2  # attempts after the first when an instance cannot be reached at all
@@ -76,7 +76,8 @@ async def serve(request: web.Request, endpoint: catalog.Capability) -> web.Strea
             body = json.dumps({key: value for key, value in document.items() if key != "stream"}).encode()
             stream = False
         exchange.stream = stream
-        return await _forward(request, gw, target, body=body, exchange=exchange)
+        key = affinity.request_key(document, session=exchange.session_id) if target.policy.affinity else None
+        return await _forward(request, gw, target, body=body, exchange=exchange, key=key)
     except errors.GatewayError as exc:
         exchange.status, exchange.error_type = exc.status, exc.error_type
         response = exc.to_response()
@@ -113,6 +114,7 @@ async def _forward(
     *,
     body: bytes,
     exchange: requestlog.Exchange,
+    key: str | None = None,
 ) -> web.StreamResponse:
     """Hold a slot (now or after queueing) for as long as the relay runs, whatever ends it.
 
@@ -121,8 +123,9 @@ async def _forward(
     dropped at once (`DROPPED_RETRY_WITHIN_S`).
     """
     for attempt in range(UNREACHABLE_RETRIES + 1):
-        lease = await gw.dispatcher.acquire(target)
+        lease = await gw.dispatcher.acquire(target, key=key)
         exchange.instance, exchange.queued_ms = lease.instance, exchange.queued_ms + lease.queued_ms
+        exchange.affinity = lease.affinity.value
         relay = forwarder.Relay()
         sent_at = time.monotonic()
         try:
@@ -149,6 +152,8 @@ async def _forward(
             exchange.tokens = relay.tokens
             exchange.client_gone = relay.client_gone
             exchange.upstream_failed = relay.upstream_failed
+            exchange.cached_tokens = relay.cached_tokens
+            gw.dispatcher.observe_cache(lease, relay.cached_tokens)
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 

@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 LATENCY_SAMPLES = 100
 DROP_REASONS = ("full", "timeout", "global_limit")
+AFFINITY_RESULTS = ("hit", "miss", "fallback", "none")  # affinity.Result's values
 
 
 NODE_GAUGES = {
@@ -97,6 +98,7 @@ class Live:
     queue_length: int
     node_gauges: dict[str, float]
     wedged_instances_killed: int = 0  # this node's LlamaNode status.wedged_instances_killed
+    kv_cache: dict[str, int] = dataclasses.field(default_factory=dict)  # this node's saves, restored, failed
 
 
 class Metrics:
@@ -111,6 +113,9 @@ class Metrics:
         self.queue_wait_count = 0
         self.hashes: dict[str, HashStats] = {}
         self.streaming = Streaming()
+        self.affinity: dict[str, int] = dict.fromkeys(AFFINITY_RESULTS, 0)  # per process, like Streaming
+        self.affinity_cache: dict[str, int] = {"reused": 0, "cold": 0}  # affinity hits: did llama-server reuse?
+        self.kv_cache_restores_unused = 0  # restored instances whose first returning request reused nothing
 
     def hash(self, args_hash: str, display: str) -> HashStats:
         stats = self.hashes.get(args_hash)
@@ -232,6 +237,39 @@ class Collector(prometheus_registry.Collector):
             "Local instances stopped by the wedged-instance watchdog.",
             live.wedged_instances_killed,
         )
+        routed = CounterMetricFamily(
+            "proxy_affinity",
+            "Requests routed, by KV-cache affinity outcome: hit (to the instance that served its prompt before), "
+            "miss (new or re-homed key), fallback (its instance was full or over the load bound), none (no key).",
+            labels=["result"],
+        )
+        for result, count in m.affinity.items():
+            routed.add_metric([result], count)
+        yield routed
+        reuse = CounterMetricFamily(
+            "proxy_affinity_cache",
+            "Affinity hits by whether llama-server reported prompt tokens reused from its KV cache (timings.cache_n).",
+            labels=["result"],
+        )
+        for result, count in m.affinity_cache.items():
+            reuse.add_metric([result], count)
+        yield reuse
+        yield CounterMetricFamily(
+            "proxy_kv_cache_saves",
+            "Slot KV caches this node saved to disk before an idle or evicted instance stopped.",
+            live.kv_cache.get("saves", 0),
+        )
+        restores = CounterMetricFamily(
+            "proxy_kv_cache_restores",
+            "Saved slot KV caches loaded into a new instance on this node: restored, or failed (refused, empty or "
+            "saved by another llama.cpp build; that conversation's prompt is read again); unused (counted by this "
+            "gateway): restored, yet the first returning request reused none of it.",
+            labels=["result"],
+        )
+        restores.add_metric(["restored"], live.kv_cache.get("restored", 0))
+        restores.add_metric(["failed"], live.kv_cache.get("failed", 0))
+        restores.add_metric(["unused"], m.kv_cache_restores_unused)
+        yield restores
         for name, help_text, count in _streaming_series(m.streaming):
             yield CounterMetricFamily(name, help_text, count)
         yield from self._hash_families()

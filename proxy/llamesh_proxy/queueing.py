@@ -8,6 +8,9 @@ the slots this gateway holds on each instance, and one FIFO queue per pool. Rule
   `max_concurrent_requests_per_instance` (0 = unlimited); of those, the one with the fewest in flight wins;
 - no bypass: while anyone waits in a pool's queue, newcomers queue behind them. A freed slot or a newly
   READY instance is granted to the head of the queue at once, so a free slot never coexists with waiters;
+- with a request's affinity key (`affinity`; the pool's policy has `affinity` on), the instance the key was
+  last served by, else its rendezvous-hash home, unless that one is full or over the load bound: a free slot
+  elsewhere is taken then, never a wait. A queued request granted a slot re-homes its key there;
 - when nothing is free, a newcomer queues if the pool's queue (`max_queue_size`, 0 = unlimited) and the
   gateway's total (`max_total_queue_entries`, 0 = unlimited) have room, else it is rejected (queue_full);
 - a new instance is asked for when the instances still coming cannot absorb the queue and the pool is below
@@ -37,6 +40,8 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
+
+from llamesh_proxy import affinity
 
 logger = logging.getLogger(__name__)
 _ROUTINE_DROPS = frozenset({"withdrawn", "client_gone", "draining", "profile_gone"})  # logged as info, not warning
@@ -70,12 +75,14 @@ class Policy:
     max_concurrent: int
     max_queue: int
     max_instances: int
+    affinity: bool = True  # route by the request's affinity key (model_defaults.routing: affinity)
 
 
 @dataclasses.dataclass(frozen=True)
 class Admitted:
     ticket: int
     instance: str
+    affinity: affinity.Result = affinity.Result.NONE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +103,7 @@ Decision = Admitted | Queued | Rejected
 class Grant:
     ticket: int
     instance: str
+    affinity: affinity.Result = affinity.Result.NONE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +145,7 @@ class _Pool:
     queue: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
     spawn_failures: int = 0  # consecutive starts that failed before READY; a READY instance resets it
     cold: bool = False  # no node learned memory for the pool's args hash (as of the last set_instances)
+    homes: affinity.Table = dataclasses.field(default_factory=affinity.Table)  # affinity key → last instance
 
     @property
     def live(self) -> int:
@@ -161,22 +170,26 @@ class Board:
         self._in_flight: dict[str, int] = {}  # instance → slots held (granted or serving)
         self._waiting: dict[int, str] = {}  # ticket → pool
         self._held: dict[int, tuple[str, str]] = {}  # ticket → (pool, instance)
+        self._keys: dict[int, str] = {}  # ticket waiting → its affinity key
         self._tickets = itertools.count(1)
 
     # --- requests -----------------------------------------------------------------------------
 
-    def admit(self, pool_key: str, policy: Policy, *, name_factory: NameFactory) -> Decision:
-        """A new request for `pool_key`: serve it now, queue it (maybe asking for an instance), or refuse it."""
+    def admit(self, pool_key: str, policy: Policy, *, name_factory: NameFactory, key: str | None = None) -> Decision:
+        """A new request for `pool_key`: serve it now, queue it (maybe asking for an instance), or refuse it.
+
+        `key`: the request's affinity key (`affinity.request_key`), if it has one."""
         if self.draining:
             return Rejected(RejectReason.DRAINING)
         pool = self._pool(pool_key, policy)
         pool.policy = policy
         ticket = next(self._tickets)
+        key = key if policy.affinity else None
         if not pool.queue:
-            instance = self._free_instance(pool)
-            if instance is not None:
-                self._hold(ticket, pool_key, instance)
-                return Admitted(ticket, instance)
+            choice = self._free_instance(pool, key)
+            if choice is not None:
+                self._hold(ticket, pool_key, choice.instance)
+                return Admitted(ticket, choice.instance, choice.result)
         if pool.live == 0 and policy.max_instances == 0:
             return Rejected(RejectReason.NO_CAPACITY)
         if policy.max_queue and len(pool.queue) >= policy.max_queue:
@@ -187,6 +200,8 @@ class Board:
             return Rejected(RejectReason.GLOBAL_LIMIT)
         pool.queue.append(ticket)
         self._waiting[ticket] = pool_key
+        if key is not None:
+            self._keys[ticket] = key
         spawn = self._maybe_spawn(pool, name_factory)
         model, _, profile = pool_key.partition(":")
         logger.info(
@@ -223,6 +238,7 @@ class Board:
 
         `reason` (timeout, client_gone, ...) only goes into the queue_drop line."""
         pool_key = self._waiting.pop(ticket, None)
+        self._keys.pop(ticket, None)
         if pool_key is not None:
             queue = self._pools[pool_key].queue
             queue.remove(ticket)
@@ -331,6 +347,16 @@ class Board:
             changes.extend(self._fail_queue(pool, FailReason.DRAINING))
         return changes
 
+    def rehome(self, pool_key: str, old: str, new: str) -> int:
+        """Instance `new` restored the KV caches `old` saved: the keys `old` served now go to `new`."""
+        pool = self._pools.get(pool_key)
+        return pool.homes.rehome(old, new) if pool is not None else 0
+
+    def affinity_keys(self, pool_key: str) -> int:
+        """How many affinity keys the pool remembers (bounded by `affinity.TABLE_SIZE`)."""
+        pool = self._pools.get(pool_key)
+        return len(pool.homes) if pool is not None else 0
+
     # --- views --------------------------------------------------------------------------------
 
     def set_allowance(self, pool_key: str, instance: str, slots: int) -> Changes:
@@ -379,15 +405,17 @@ class Board:
             pool = self._pools[pool_key] = _Pool(policy)
         return pool
 
-    def _free_instance(self, pool: _Pool) -> str | None:
-        limit = pool.policy.max_concurrent
-        best: str | None = None
-        best_load = 0
-        for instance in pool.routable:
-            load = self._in_flight.get(instance, 0)
-            if self._has_room(instance, load, limit) and (best is None or load < best_load):
-                best, best_load = instance, load
-        return best
+    def _free_instance(self, pool: _Pool, key: str | None) -> affinity.Choice | None:
+        choice = affinity.choose(
+            key,
+            instances=pool.routable,
+            load=lambda instance: self._in_flight.get(instance, 0),
+            has_room=lambda instance, load: self._has_room(instance, load, pool.policy.max_concurrent),
+            remembered=pool.homes.get(key) if key is not None else None,
+        )
+        if choice is not None and key is not None:
+            pool.homes.remember(key, choice.instance)
+        return choice
 
     def _has_room(self, instance: str, load: int, limit: int) -> bool:
         if limit == 0:
@@ -402,13 +430,18 @@ class Board:
     def _grant(self, pool: _Pool) -> Changes:
         changes = Changes()
         while pool.queue:
-            instance = self._free_instance(pool)
-            if instance is None:
+            # the head's key follows it to the slot it gets (FIFO: its home is not waited for)
+            key = self._keys.pop(pool.queue[0], None)
+            choice = self._free_instance(pool, key)
+            if choice is None:
+                if key is not None:
+                    self._keys[pool.queue[0]] = key
                 break
+            instance = choice.instance
             ticket = pool.queue.popleft()
             pool_key = self._waiting.pop(ticket)
             self._hold(ticket, pool_key, instance)
-            changes.grants.append(Grant(ticket, instance))
+            changes.grants.append(Grant(ticket, instance, choice.result))
             model, _, profile = pool_key.partition(":")
             logger.info(
                 "ticket %d of %s goes to %s",
@@ -441,6 +474,7 @@ class Board:
         while pool.queue:
             ticket = pool.queue.popleft()
             pool_key = self._waiting.pop(ticket)
+            self._keys.pop(ticket, None)
             changes.failures.append(Failure(ticket, reason))
             _log_drop(pool_key, reason.value, ticket=ticket, queue_length=len(pool.queue), own_context=False)
         return changes

@@ -41,6 +41,8 @@ class Exchange:
     queued_ms: float = 0.0
     stream: bool = False
     error_type: str | None = None
+    affinity: str | None = None  # how its instance was chosen (affinity.Result), once it got one
+    cached_tokens: int | None = None  # prompt tokens llama-server reused from its KV cache, when it said
     client_gone: bool = False
     upstream_failed: bool = False
     finished: bool = dataclasses.field(default=False, init=False)  # its line was written
@@ -91,6 +93,10 @@ def emit(exchange: Exchange, *, duration_ms: float) -> None:
         "tokens": exchange.tokens,
         "stream": exchange.stream,
     }
+    if exchange.affinity is not None:
+        fields["affinity"] = exchange.affinity
+    if exchange.cached_tokens is not None:
+        fields["cached_tokens"] = exchange.cached_tokens
     if exchange.error_type:
         fields["error_type"] = exchange.error_type
     if exchange.client_gone:
