@@ -39,6 +39,7 @@ MODEL = "gemma-3-270m"
 MODEL_FILE = Path("~/.cache/llamesh/models/gemma-3-270m-q4_k_m.gguf").expanduser()
 SERVER_ARGS = "-c 8192 -np 4 --no-jinja --chat-template gemma"
 CONCURRENCY = (1, 4, 8)
+TARGETS = ["direct", "relay", "gateway"]  # relay: bench/bare_relay.py in front of the same llama-server
 TOKENS = 64
 STREAMS_PER_WORKER = {1: 4, 4: 2, 8: 2}  # a few seconds per run on an idle 2-core machine
 MIN_RATIO = 0.98
@@ -156,70 +157,87 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         url=f"http://{servers.HOST}:{port}",
         log_dir=workdir,
     )
+    started = [gateway]
     try:
         await servers.wait_answering(gateway, "/healthz", deadline_s=60)
         say("starting the instance (first request)")
         await servers.wait_answering(gateway, "/v1/chat/completions", deadline_s=300, method="POST", model=MODEL)
         llama = llama_server_of(gateway)
         servers.remember_descendants(gateway)
-        urls = {"direct": f"http://{servers.HOST}:{port_of(llama)}", "gateway": gateway.url}
-        gateway_process = psutil.Process(gateway.pid)
-        say("warming up both paths")
+        direct_url = f"http://{servers.HOST}:{port_of(llama)}"
+        relay_port = servers.free_port()
+        relay = await servers.start(
+            "relay",
+            servers.bare_relay_argv(relay_port, direct_url),
+            url=f"http://{servers.HOST}:{relay_port}",
+            log_dir=workdir,
+        )
+        started.append(relay)
+        await servers.wait_answering(relay, "/v1/chat/completions", deadline_s=60, method="POST", model=MODEL)
+        urls = {"direct": direct_url, "relay": relay.url, "gateway": gateway.url}
+        relaying = {"relay": psutil.Process(relay.pid), "gateway": psutil.Process(gateway.pid)}
+        say("warming up every path")
         for url in urls.values():
             await run_load(url, concurrency=4, streams=1, tokens=args.tokens)
         for round_index in range(args.rounds):
-            for concurrency in args.concurrency:
-                order = ["direct", "gateway"] if (round_index + concurrency) % 2 == 0 else ["gateway", "direct"]
-                for target in order:
-                    streams = STREAMS_PER_WORKER.get(concurrency, 3)
+            for index, concurrency in enumerate(args.concurrency):
+                shift = (round_index + index) % len(TARGETS)
+                for target in TARGETS[shift:] + TARGETS[:shift]:
                     say(f"round {round_index + 1}/{args.rounds}: {target}, {concurrency} concurrent")
-                    before = (cpu_s(gateway_process), cpu_s(llama))
+                    process = relaying.get(target)
+                    before = (cpu_s(process) if process else 0.0, cpu_s(llama))
+                    streams = STREAMS_PER_WORKER.get(concurrency, 2)
                     result = await run_load(urls[target], concurrency=concurrency, streams=streams, tokens=args.tokens)
-                    after = (cpu_s(gateway_process), cpu_s(llama))
+                    after = (cpu_s(process) if process else 0.0, cpu_s(llama))
                     result.update(
                         target=target,
                         round=round_index,
-                        gateway_cpu_s=after[0] - before[0],
+                        relay_cpu_s=after[0] - before[0],
                         llama_cpu_s=after[1] - before[1],
+                        load_average=os.getloadavg(),
                     )
                     results["runs"].append(result)
         results["gateway_log_tail"] = gateway.log_tail(10)
     finally:
-        await servers.stop(gateway)
+        for server in reversed(started):
+            await servers.stop(server)
     results["load_average_after"] = os.getloadavg()
     summarize(results, concurrencies=args.concurrency)
     return results
 
 
 def summarize(results: dict[str, Any], *, concurrencies: list[int]) -> None:
-    """Per concurrency and path: median tokens/s and median of the runs' median TTFT; the ratios and checks."""
+    """Per concurrency and path: median tokens/s, the median of the runs' median TTFT, and against direct
+    the tokens/s ratio and the added TTFT; the checks judge the gateway."""
     table: dict[str, dict[str, Any]] = {}
     checks = []
     for concurrency in concurrencies:
         row: dict[str, Any] = {}
-        for target in ("direct", "gateway"):
+        for target in TARGETS:
             runs = [r for r in results["runs"] if r["target"] == target and r["concurrency"] == concurrency]
             ttfts = [statistics.median(r["ttft_ms"]) for r in runs if r["ttft_ms"]]
             row[target] = {
-                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs) if runs else None,
-                "ttft_ms": statistics.median(ttfts) if ttfts else None,
-                "gateway_cpu_ms_per_100_tokens": _median(
-                    [r["gateway_cpu_s"] * 1000 * 100 / r["tokens"] for r in runs if r["tokens"]]
+                "tokens_per_s": _median([r["tokens_per_s"] for r in runs]),
+                "ttft_ms": _median(ttfts),
+                "cpu_ms_per_100_tokens": _median(
+                    [r["relay_cpu_s"] * 1000 * 100 / r["tokens"] for r in runs if r["tokens"]]
                 ),
                 "llama_cpu_s_per_1k_tokens": _median(
                     [r["llama_cpu_s"] * 1000 / r["tokens"] for r in runs if r["tokens"]]
                 ),
                 "errors": sum(r["errors"] for r in runs),
             }
-        direct, gateway = row["direct"], row["gateway"]
-        ratio = gateway["tokens_per_s"] / direct["tokens_per_s"] if direct["tokens_per_s"] else None
-        added = (
-            gateway["ttft_ms"] - direct["ttft_ms"]
-            if gateway["ttft_ms"] is not None and direct["ttft_ms"] is not None
-            else None
-        )
-        row["ratio"], row["added_ttft_ms"] = ratio, added
+        direct = row["direct"]
+        for target in TARGETS:
+            cell = row[target]
+            cell["ratio"] = _ratio(cell["tokens_per_s"], direct["tokens_per_s"])
+            cell["added_ttft_ms"] = (
+                cell["ttft_ms"] - direct["ttft_ms"]
+                if cell["ttft_ms"] is not None and direct["ttft_ms"] is not None
+                else None
+            )
         table[str(concurrency)] = row
+        ratio, added = row["gateway"]["ratio"], row["gateway"]["added_ttft_ms"]
         checks.append(
             {
                 "name": f"{concurrency} streams: tokens/s, gateway / direct",
@@ -243,25 +261,31 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
 def render(results: dict[str, Any]) -> str:
     def number(value: float | None, digits: int) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
     lines = [
-        f"{'streams':>8}{'direct tok/s':>14}{'gateway tok/s':>15}{'ratio':>8}{'direct TTFT':>13}"
-        f"{'gateway TTFT':>14}{'added':>8}{'gw CPU ms/100 tok':>19}"
+        f"{'streams':>8}{'path':>9}{'tokens/s':>10}{'x direct':>10}{'TTFT ms':>10}{'added ms':>10}"
+        f"{'its CPU ms/100 tok':>20}"
     ]
+    errors = 0
     for concurrency, row in results["table"].items():
-        direct, gateway = row["direct"], row["gateway"]
-        lines.append(
-            f"{concurrency:>8}{number(direct['tokens_per_s'], 1):>14}{number(gateway['tokens_per_s'], 1):>15}"
-            f"{number(row['ratio'], 3):>8}{number(direct['ttft_ms'], 1):>13}{number(gateway['ttft_ms'], 1):>14}"
-            f"{number(row['added_ttft_ms'], 2):>8}{number(gateway['gateway_cpu_ms_per_100_tokens'], 1):>19}"
-        )
+        for target in TARGETS:
+            cell = row[target]
+            errors += cell["errors"]
+            cpu = None if target == "direct" else cell["cpu_ms_per_100_tokens"]
+            lines.append(
+                f"{concurrency:>8}{target:>9}{number(cell['tokens_per_s'], 1):>10}{number(cell['ratio'], 3):>10}"
+                f"{number(cell['ttft_ms'], 1):>10}{number(cell['added_ttft_ms'], 2):>10}{number(cpu, 1):>20}"
+            )
     lines.append(
-        f"(TTFT in ms: median over rounds of each run's median; {results['rounds']} round(s), "
-        f"{results['tokens']} tokens per stream; errors: "
-        f"{sum(row[t]['errors'] for row in results['table'].values() for t in ('direct', 'gateway'))})"
+        f"(TTFT: median over rounds of each run's median; {results['rounds']} round(s), {results['tokens']} tokens "
+        f"per stream; relay = bench/bare_relay.py; CPU = the relaying process's; errors: {errors})"
     )
     lines.append("")
     for item in results["checks"]:

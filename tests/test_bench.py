@@ -459,23 +459,27 @@ def test_real_summary_compares_gateway_with_direct(monkeypatch: pytest.MonkeyPat
             "ttft_ms": ttft,
             "tokens": 640,
             "errors": 0,
-            "gateway_cpu_s": 0.064,
+            "relay_cpu_s": 0.064,
             "llama_cpu_s": 6.4,
         }
 
     runs = [
         *(run("direct", 1, rate, [20.0, 22.0, 21.0]) for rate in (100.0, 102.0, 98.0)),
+        *(run("relay", 1, rate, [20.5]) for rate in (100.0, 100.0, 100.0)),
         *(run("gateway", 1, rate, [21.0, 22.5, 22.0]) for rate in (99.0, 101.0, 90.0)),
         *(run("direct", 4, rate, [40.0]) for rate in (200.0, 200.0, 200.0)),
+        *(run("relay", 4, rate, [41.0]) for rate in (196.0, 196.0, 196.0)),
         *(run("gateway", 4, rate, [45.0]) for rate in (190.0, 190.0, 190.0)),
     ]
     results: Json = {"runs": runs, "rounds": 3, "tokens": 64}
     real.summarize(results, concurrencies=[1, 4])
     one, four = results["table"]["1"], results["table"]["4"]
-    assert one["ratio"] == pytest.approx(99.0 / 100.0)
-    assert one["added_ttft_ms"] == pytest.approx(1.0)  # medians of the runs' medians: 22.0 - 21.0
-    assert one["gateway"]["gateway_cpu_ms_per_100_tokens"] == pytest.approx(10.0)
-    assert four["ratio"] == pytest.approx(0.95) and four["added_ttft_ms"] == pytest.approx(5.0)
+    assert one["gateway"]["ratio"] == pytest.approx(99.0 / 100.0)
+    assert one["gateway"]["added_ttft_ms"] == pytest.approx(1.0)  # medians of the runs' medians: 22.0 - 21.0
+    assert one["relay"]["added_ttft_ms"] == pytest.approx(-0.5)
+    assert one["gateway"]["cpu_ms_per_100_tokens"] == pytest.approx(10.0)
+    assert four["gateway"]["ratio"] == pytest.approx(0.95) and four["gateway"]["added_ttft_ms"] == pytest.approx(5.0)
+    assert four["relay"]["ratio"] == pytest.approx(0.98)
     verdicts = {item["name"]: item["passed"] for item in results["checks"]}
     assert verdicts == {
         "1 streams: tokens/s, gateway / direct": True,
