@@ -512,3 +512,21 @@ async def test_nginx_config_relays_streams_whole(
         assert result["tokens_per_stream_min"] == result["tokens_per_stream_max"] == TOKENS
     finally:
         await processes.stop(nginx)
+
+
+def test_hotspots_reads_py_spy_raw_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/hotspots.py's summary of py-spy's raw format: self samples go to the leaf, inclusive ones to
+    every frame of the stack once, line numbers are folded."""
+    _report, _servers, _run, hotspots = bench_modules(monkeypatch, "report", "servers", "run", "hotspots")
+    raw = "\n".join(
+        [
+            "main (a.py:1);serve (b.py:10);send (c.py:5) 6",
+            "main (a.py:1);serve (b.py:12);send (c.py:7) 3",
+            "main (a.py:1);serve (b.py:12) 1",
+            "",
+        ]
+    )
+    total, own, within = hotspots.top_frames(raw, 2)
+    assert total == 10
+    assert own == [("send (c.py)", 9), ("serve (b.py)", 1)]
+    assert within == [("main (a.py)", 10), ("serve (b.py)", 10)]
