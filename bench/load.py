@@ -15,6 +15,11 @@ Modes (each prints one JSON object as its last stdout line):
   to sample the gateway's memory), and after `--hold` s more they are all closed.
 - first-token: one streaming request -> `time.time()` stamps of sending, headers, first token and end (the
   scale-from-zero measurement compares the first-token stamp with the upstream's healthy stamp).
+- generate: for a real llama-server (bench/real.py): `--concurrency` workers each read `--streams` streams of
+  `--max-tokens` tokens one after another (`ignore_eos`, temperature 0, so every stream has exactly that
+  many) -> aggregate tokens/s over the whole run, and each stream's time to first token (request sent ->
+  first event with content). Here a token is an event whose delta has content, counted by parsing each
+  event: llama-server's first (role) and last (finish, usage) events carry none.
 
 With `--sync` (throughput, stream), the measured window is announced so that a caller can sample the server
 around exactly the requests counted: once the warm-up's last request has ended (nothing in flight), it prints
@@ -91,6 +96,20 @@ class OpenStreamsResult(TypedDict):
     first_error: str | None
     seconds_to_open: float
     held_s: float
+
+
+class GenerateResult(TypedDict):
+    mode: str
+    concurrency: int
+    streams: int
+    tokens: int
+    errors: int
+    first_error: str | None
+    seconds: float
+    tokens_per_s: float
+    ttft_ms: list[float]
+    tokens_per_stream_min: int
+    tokens_per_stream_max: int
 
 
 class FirstTokenResult(TypedDict):
@@ -361,6 +380,95 @@ async def open_streams(
     }
 
 
+def generate_body(model: str, *, max_tokens: int) -> bytes:
+    """A streamed chat completion that always generates `max_tokens` tokens, the same ones every time."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,  # llama-server's: no early end, so every stream is max_tokens long
+        "cache_prompt": True,
+    }
+    return json.dumps(body).encode()
+
+
+def content_tokens(event_lines: list[bytes]) -> int:
+    """How many of these SSE `data:` lines are chat chunks whose delta carries content (one token each)."""
+    tokens = 0
+    for line in event_lines:
+        payload = line[len(DATA) :].strip()
+        if not payload or payload == b"[DONE]":
+            continue
+        try:
+            choices = json.loads(payload).get("choices") or []
+        except ValueError:
+            continue
+        if choices and (choices[0].get("delta") or {}).get("content"):
+            tokens += 1
+    return tokens
+
+
+async def generate_one(
+    session: aiohttp.ClientSession, url: str, body: bytes, errors: Errors
+) -> tuple[int, float] | None:
+    """One stream: (tokens, ms from sending to the first token), or None when it failed."""
+    sent = time.perf_counter()
+    first_ms = math.nan
+    tokens = 0
+    buffer = b""
+    try:
+        async with session.post(url, data=body, headers=JSON_HEADERS) as response:
+            if response.status != 200:
+                errors.add(f"HTTP {response.status}: {(await response.read())[:200]!r}")
+                return None
+            async for piece in response.content.iter_any():
+                buffer += piece
+                *lines, buffer = buffer.split(b"\n")
+                found = content_tokens([line for line in lines if line.startswith(DATA)])
+                if found and math.isnan(first_ms):
+                    first_ms = (time.perf_counter() - sent) * 1000
+                tokens += found
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        errors.add(repr(exc))
+        return None
+    return tokens, first_ms
+
+
+async def generate(
+    session: aiohttp.ClientSession, url: str, body: bytes, *, concurrency: int, streams: int
+) -> GenerateResult:
+    errors = Errors()
+    per_stream: list[int] = []
+    ttft: list[float] = []
+
+    async def worker() -> None:
+        for _ in range(streams):
+            outcome = await generate_one(session, url, body, errors)
+            if outcome is not None:
+                per_stream.append(outcome[0])
+                ttft.append(outcome[1])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    total = sum(per_stream)
+    return {
+        "mode": "generate",
+        "concurrency": concurrency,
+        "streams": len(per_stream),
+        "tokens": total,
+        "errors": errors.count,
+        "first_error": errors.first,
+        "seconds": seconds,
+        "tokens_per_s": total / seconds,
+        "ttft_ms": ttft,
+        "tokens_per_stream_min": min(per_stream, default=0),
+        "tokens_per_stream_max": max(per_stream, default=0),
+    }
+
+
 async def first_token(session: aiohttp.ClientSession, url: str, body: bytes) -> FirstTokenResult:
     counter = EventCounter()
     first_token_at = math.nan
@@ -388,11 +496,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.mode == "open-streams":
         body = request_body(args.model, stream=True, max_tokens=OPEN_STREAM_TOKENS, delay_ms=args.delay_ms)
         limit = args.streams
+    elif args.mode == "generate":
+        body = generate_body(args.model, max_tokens=args.max_tokens or 64)
+        limit = args.concurrency
     else:
         body = request_body(args.model, stream=streaming, max_tokens=args.max_tokens)
         limit = args.concurrency if args.mode in ("throughput", "stream") else 1
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=args.read_timeout)
-    connector = aiohttp.TCPConnector(limit=limit)
+    # generate: a new connection per stream. llama-server closes a kept-alive connection after a few requests
+    # and the client would fail on it ("Can not write request body"), losing streams from direct's count only
+    # (the gateway retries such a drop); a connect on loopback costs every path the same ~0.1 ms of TTFT.
+    connector = aiohttp.TCPConnector(limit=limit, force_close=args.mode == "generate")
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
         result: Any
         if args.mode == "throughput":
@@ -421,6 +535,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result = await open_streams(
                 session, url, body, streams=args.streams, hold=args.hold, open_timeout=args.open_timeout
             )
+        elif args.mode == "generate":
+            result = await generate(session, url, body, concurrency=args.concurrency, streams=args.streams)
         else:
             result = await first_token(session, url, body)
     return dict(result)
@@ -430,7 +546,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--url", required=True, help="base URL of the target, e.g. http://127.0.0.1:8080")
     parser.add_argument(
-        "--mode", required=True, choices=("throughput", "latency", "stream", "open-streams", "first-token")
+        "--mode",
+        required=True,
+        choices=("throughput", "latency", "stream", "open-streams", "first-token", "generate"),
     )
     parser.add_argument("--model", default="bench", help="the request's `model` field")
     parser.add_argument("--concurrency", type=int, default=32, help="connections (throughput, stream)")
@@ -440,7 +558,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=2000, help="measured requests (latency)")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests first (latency)")
     parser.add_argument("--max-tokens", type=int, default=None, help="sent as max_tokens (default: upstream's N)")
-    parser.add_argument("--streams", type=int, default=256, help="streams held open (open-streams)")
+    parser.add_argument(
+        "--streams", type=int, default=256, help="streams held open (open-streams); streams per worker (generate)"
+    )
     parser.add_argument("--delay-ms", type=int, default=250, help="upstream pause between events (open-streams)")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds held once all are open (open-streams)")
     parser.add_argument("--open-timeout", type=float, default=60.0, help="longest wait for all to open")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, TypedDict
 
 TARGETS = ("direct", "relay", "gateway")
+PEERS = ("nginx", "litellm")  # measured only when run.py is asked to (--nginx, --litellm)
 REQUESTS_PER = 1_000  # CPU ms per this many non-streaming requests
 TOKENS_PER = 100_000  # CPU ms per this many streamed tokens
 
@@ -27,6 +28,11 @@ class Check(TypedDict):
     limit: float
     unit: str
     passed: bool | None
+
+
+def targets_in(results: dict[str, Any]) -> tuple[str, ...]:
+    """The three targets, then the peers this run measured, in the table's order."""
+    return TARGETS + tuple(peer for peer in PEERS if peer in results.get("runs", {}))
 
 
 def median_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
@@ -115,18 +121,19 @@ def render(results: dict[str, Any]) -> str:
         ("  the upstream behind it, per 1,000 requests", "upstream_cpu_ms_per_1k_requests", 1),
         ("  the upstream behind it, per 100,000 tokens", "upstream_cpu_ms_per_100k_tokens", 0),
     ]
-    lines = [f"{'':44}{'direct':>12}{'relay':>12}{'gateway':>12}"]
+    targets = targets_in(results)
+    lines = [f"{'':44}" + "".join(f"{target:>12}" for target in targets)]
     for label, key, digits in rows:
-        lines.append(f"{label:44}" + "".join(f"{_number(medians[t][key], digits):>12}" for t in TARGETS))
+        lines.append(f"{label:44}" + "".join(f"{_number(medians[t][key], digits):>12}" for t in targets))
     for label, key, digits in (
         ("RSS MB idle, before the streams", "idle_rss_mb", 1),
         (f"RSS MB, {plan['open_streams']} open streams (peak)", "peak_rss_mb", 1),
     ):
-        cells = ["-", *(_number(rss.get(name, {}).get(key), digits) for name in ("relay", "gateway"))]
+        cells = ["-", *(_number(rss.get(name, {}).get(key), digits) for name in targets[1:])]
         lines.append(f"{label:44}" + "".join(f"{cell:>12}" for cell in cells))
     open_s = [
         "-",
-        *(_number(rss.get(name, {}).get("open_event", {}).get("seconds_to_open"), 2) for name in TARGETS[1:]),
+        *(_number(rss.get(name, {}).get("open_event", {}).get("seconds_to_open"), 2) for name in targets[1:]),
     ]
     lines.append(f"{'seconds until all streams were open':44}" + "".join(f"{cell:>12}" for cell in open_s))
     lines.append("(CPU: user + system time of the process alone over each measured window, warm-up excluded;")
@@ -157,6 +164,13 @@ def render(results: dict[str, Any]) -> str:
     gateway = medians["gateway"]
     stream_cpu = ratio(gateway["cpu_ms_per_100k_tokens"], relay["cpu_ms_per_100k_tokens"])
     lines.append(f"for reference, CPU per 100,000 streamed tokens, gateway / bare relay: {_number(stream_cpu, 2)} x")
+    for peer in targets[len(TARGETS) :]:
+        lines.append(
+            f"for reference, {peer} / bare relay: non-streaming req/s "
+            f"{_number(ratio(medians[peer]['requests_per_s'], relay['requests_per_s']), 2)} x, streaming tokens/s "
+            f"{_number(ratio(medians[peer]['tokens_per_s'], relay['tokens_per_s']), 2)} x, CPU per 1,000 requests "
+            f"{_number(ratio(medians[peer]['cpu_ms_per_1k_requests'], relay['cpu_ms_per_1k_requests']), 2)} x"
+        )
     sfz = results["scale_from_zero"]
     if sfz:
         per_profile = ", ".join(_number(entry["first_token_after_healthy_ms"], 1) for entry in sfz)
@@ -169,7 +183,7 @@ def summarize(results: dict[str, Any]) -> None:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = results.get("runs", {})
     medians: dict[str, dict[str, float | None]] = {}
     errors: list[str] = []
-    for target in TARGETS:
+    for target in targets_in(results):
         modes = runs.get(target, {"throughput": [], "latency": [], "stream": []})
         medians[target] = {
             "requests_per_s": median_of(modes["throughput"], "requests_per_s"),

@@ -262,6 +262,9 @@ async def measure(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[s
         targets = {"direct": direct, "relay": relay}
         await servers.wait_answering(direct, "/health", deadline_s=30)
         await servers.wait_answering(relay, "/v1/chat/completions", deadline_s=30, method="POST")
+        for peer in await start_peers(args, direct, workdir=workdir, cpus=server_cpus):
+            started.append(peer)
+            targets[peer.name] = peer
         if not args.skip_gateway:
             say("starting llamesh serve")
             gateway_env = {
@@ -304,12 +307,53 @@ async def measure(args: argparse.Namespace, plan: Plan, workdir: Path) -> dict[s
     return results
 
 
+async def start_peers(
+    args: argparse.Namespace, direct: servers.Server, *, workdir: Path, cpus: set[int] | None
+) -> list[servers.Server]:
+    """nginx and the LiteLLM proxy in front of `direct`, as asked; each installed first if missing."""
+    peers = []
+    if args.nginx:
+        binary = servers.ensure_nginx(say)
+        port = servers.free_port()
+        config_path = servers.nginx_config(
+            workdir / "nginx", port=port, upstream_port=int(direct.url.rsplit(":", 1)[1])
+        )
+        nginx = await servers.start(
+            "nginx",
+            servers.nginx_argv(binary, config_path),
+            url=f"http://{servers.HOST}:{port}",
+            log_dir=workdir,
+            cpus=cpus,
+        )
+        peers.append(nginx)
+        await servers.wait_answering(nginx, "/v1/chat/completions", deadline_s=30, method="POST")
+        servers.pin_group(nginx, cpus)  # its worker was forked before the master was pinned
+    if args.litellm:
+        command = await asyncio.to_thread(servers.ensure_litellm, say)
+        port = servers.free_port()
+        config_path = servers.litellm_config(workdir / "litellm", upstream_url=direct.url)
+        litellm = await servers.start(
+            "litellm",
+            servers.litellm_argv(command, config_path, port),
+            url=f"http://{servers.HOST}:{port}",
+            log_dir=workdir,
+            env=servers.LITELLM_ENV,
+            cpus=cpus,
+        )
+        peers.append(litellm)
+        say("waiting for the LiteLLM proxy (its start-up takes a while)")
+        await servers.wait_answering(litellm, "/v1/chat/completions", deadline_s=240, method="POST")
+        servers.pin_group(litellm, cpus)
+    return peers
+
+
 def cpu_window(target: str, targets: dict[str, servers.Server]) -> servers.CpuWindow:
-    """The CPU window of `target`'s process; its upstream is direct's process (relay) or its children (gateway)."""
+    """The CPU window of `target`'s process; its upstream is direct's process (relay, nginx, LiteLLM) or its
+    children (gateway). nginx and LiteLLM count with the processes under them (nginx's worker)."""
     server = targets[target]
-    if target == "relay":
+    if target in ("relay", *report.PEERS):
         direct_pid = targets["direct"].pid
-        return servers.CpuWindow(server, lambda: [direct_pid])
+        return servers.CpuWindow(server, lambda: [direct_pid], group=target in report.PEERS)
     if target == "gateway":
         return servers.CpuWindow(server, lambda: servers.descendant_pids(server))
     return servers.CpuWindow(server, lambda: [])
@@ -354,6 +398,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: a new temporary file)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin load and servers to separate CPUs")
     parser.add_argument("--skip-gateway", action="store_true", help="measure only direct and relay")
+    parser.add_argument("--nginx", action="store_true", help="also measure nginx (Debian's package) as a relay")
+    parser.add_argument(
+        "--litellm", action="store_true", help=f"also measure the LiteLLM proxy (venv {servers.LITELLM_VENV})"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, server logs)")
     parser.add_argument("--fail-on-budget", action="store_true", help="exit 1 when a budget line is FAIL")
     return parser.parse_args(argv)

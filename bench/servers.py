@@ -17,8 +17,10 @@ import asyncio
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -84,10 +86,12 @@ class CpuWindow:
     from zero; one that ends within it is not counted.
     """
 
-    def __init__(self, server: Server, upstreams: Callable[[], list[int]]) -> None:
+    def __init__(self, server: Server, upstreams: Callable[[], list[int]], *, group: bool = False) -> None:
         self.server = server
         self.upstreams = upstreams
+        self.group = group  # the server is its process and those under it (nginx's workers), summed
         self._server_start: float | None = None
+        self._server_pids_start: dict[int, float] = {}
         self._upstream_start: dict[int, float] = {}
         self.server_s: float | None = None
         self.upstream_s: float | None = None
@@ -101,14 +105,19 @@ class CpuWindow:
                 sample[pid] = cpu_seconds(pid)
         return sample
 
+    def _server_cpu(self) -> dict[int, float]:
+        return self._sample(group_pids(self.server) if self.group else [self.server.pid])
+
     def start(self) -> None:
-        self._server_start = cpu_seconds(self.server.pid)
+        self._server_pids_start = self._server_cpu()
+        self._server_start = sum(self._server_pids_start.values())
         self._upstream_start = self._sample(self.upstreams())
 
     def stop(self) -> None:
         if self._server_start is None:
             raise RuntimeError("CpuWindow.stop before start")
-        self.server_s = cpu_seconds(self.server.pid) - self._server_start
+        end = self._server_cpu()
+        self.server_s = sum(seconds - self._server_pids_start.get(pid, 0.0) for pid, seconds in end.items())
         upstream_end = self._sample(self.upstreams())
         self.upstream_pids = sorted(upstream_end)
         if upstream_end:
@@ -140,6 +149,12 @@ def pin(pid: int, cpus: Iterable[int] | None) -> None:
                 os.sched_setaffinity(thread.id, allowed)
 
 
+def pin_group(server: Server, cpus: Iterable[int] | None) -> None:
+    """`pin` for `server` and every process under it (a forked worker keeps the affinity it was forked with)."""
+    for pid in group_pids(server):
+        pin(pid, cpus)
+
+
 async def start(
     name: str,
     argv: Sequence[str],
@@ -162,11 +177,13 @@ async def start(
     return Server(name=name, process=process, log_path=log_path, url=url)
 
 
-async def wait_answering(server: Server, path: str, *, deadline_s: float, method: str = "GET") -> None:
-    """Until `path` answers 200 (a POST sends a small chat completion); ServerError at the deadline."""
+async def wait_answering(
+    server: Server, path: str, *, deadline_s: float, method: str = "GET", model: str = MODEL
+) -> None:
+    """Until `path` answers 200 (a POST sends a small chat completion for `model`); ServerError at the deadline."""
     started = time.monotonic()
     last = "no answer yet"
-    body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}' % MODEL.encode()
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}' % model.encode()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=deadline_s)) as session:
         while True:
             if server.process.returncode is not None:
@@ -273,3 +290,121 @@ def write_llamesh_files(workdir: Path, *, port: int, cold_profiles: Sequence[str
     config_path.write_text(yaml.safe_dump(node_config, sort_keys=False))
     cookbook_path.write_text(yaml.safe_dump(cookbook, sort_keys=False))
     return config_path, cookbook_path
+
+
+# --- peers: nginx and the LiteLLM proxy, each in front of the direct target (run.py --nginx / --litellm) ---
+
+LITELLM_VENV = Path("~/.cache/llamesh/bench-litellm").expanduser()
+LITELLM_REQUIREMENT = "litellm[proxy]"
+
+
+def group_pids(server: Server) -> list[int]:
+    """`server`'s process and every process under it: nginx's master and workers, LiteLLM and its workers."""
+    with contextlib.suppress(psutil.Error):
+        return [server.pid, *(child.pid for child in psutil.Process(server.pid).children(recursive=True))]
+    return [server.pid]
+
+
+def find_nginx() -> str | None:
+    """nginx on PATH, or where Debian's package puts it (/usr/sbin is not on every PATH)."""
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+def ensure_nginx(say: Callable[[str], None]) -> str:
+    """The nginx binary; Debian's package is installed when it is missing (root, apt-get)."""
+    found = find_nginx()
+    if found:
+        return found
+    say("installing nginx (apt-get install -y nginx)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "install", "-y", "-q", "nginx"], check=True, env=env, stdout=subprocess.DEVNULL)
+    installed = find_nginx()
+    if installed is None:
+        raise ServerError("apt-get installed nginx, but no nginx binary was found")
+    return installed
+
+
+def nginx_config(workdir: Path, *, port: int, upstream_port: int) -> Path:
+    """One worker, no access log, a keep-alive upstream pool, no buffering of answers (streams pass through)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    text = f"""worker_processes 1;
+daemon off;
+master_process on;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    keepalive_requests 1000000;
+    upstream fake {{
+        server {HOST}:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {HOST}:{port} backlog=1024;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+    path = workdir / "nginx.conf"
+    path.write_text(text)
+    return path
+
+
+def nginx_argv(binary: str, config_path: Path) -> list[str]:
+    return [binary, "-p", str(config_path.parent), "-c", str(config_path)]
+
+
+def ensure_litellm(say: Callable[[str], None]) -> Path:
+    """The `litellm` command of a virtual environment of its own, created and filled from PyPI when missing."""
+    command = LITELLM_VENV / "bin" / "litellm"
+    if command.exists():
+        return command
+    say(f"installing {LITELLM_REQUIREMENT} into {LITELLM_VENV} (a few minutes)")
+    subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+    pip = [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", LITELLM_REQUIREMENT]
+    subprocess.run(pip, check=True, stdout=subprocess.DEVNULL)
+    return command
+
+
+def litellm_config(workdir: Path, *, upstream_url: str) -> Path:
+    """One `openai/` model named like the benchmark's, pointed at the fake upstream; no logging callbacks."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_list": [
+            {
+                "model_name": MODEL,
+                "litellm_params": {"model": f"openai/{MODEL}", "api_base": f"{upstream_url}/v1", "api_key": "none"},
+            }
+        ],
+        "litellm_settings": {"telemetry": False, "drop_params": True, "set_verbose": False},
+    }
+    path = workdir / "litellm.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def litellm_argv(command: Path, config_path: Path, port: int) -> list[str]:
+    return [str(command), "--config", str(config_path), "--host", HOST, "--port", str(port), "--num_workers", "1"]
+
+
+LITELLM_ENV = {
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # the model price list from the package, not fetched at start-up
+    "LITELLM_LOG": "ERROR",
+    "LITELLM_TELEMETRY": "False",
+    # no master key: no authentication, as the benchmark's gateway (auth off); it refuses to start otherwise
+    "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+}

@@ -411,3 +411,122 @@ def test_report_without_cpu_figures_says_not_available() -> None:
     (cpu_check,) = [item for item in results["checks"] if item["name"].startswith("CPU per 1,000 requests")]
     assert cpu_check["measured"] is None and cpu_check["passed"] is None
     assert results["medians"]["gateway"]["cpu_ms_per_1k_requests"] is None
+
+
+def test_report_with_peers_adds_their_columns_and_ratios_to_the_relay() -> None:
+    report = load_module("report")
+    results = report_results(relay_cpu_s=[2.0] * 3, gateway_cpu_s=[2.4] * 3)
+    relay_runs = results["runs"]["relay"]
+    results["runs"]["nginx"] = {
+        "throughput": [{**run, "requests_per_s": 1500.0} for run in relay_runs["throughput"]],
+        "latency": relay_runs["latency"],
+        "stream": [{**run, "tokens_per_s": 10_000.0} for run in relay_runs["stream"]],
+    }
+    report.summarize(results)
+    assert report.targets_in(results) == ("direct", "relay", "gateway", "nginx")
+    assert results["medians"]["nginx"]["requests_per_s"] == 1500.0
+    table = report.render(results)
+    assert table.splitlines()[0].split() == ["direct", "relay", "gateway", "nginx"]
+    assert "nginx / bare relay: non-streaming req/s 1.50 x, streaming tokens/s 0.50 x" in table
+    assert "litellm" not in table  # not measured, not shown
+
+
+def test_generate_counts_only_events_with_content() -> None:
+    load = load_module("load")
+    chunk = 'data: {"choices":[{"delta":{%s},"index":0}],"object":"chat.completion.chunk"}'
+    lines = [
+        (chunk % '"role":"assistant","content":null').encode(),
+        (chunk % '"content":"Once"').encode(),
+        (chunk % '"content":" upon"').encode(),
+        (chunk % '"content":""').encode(),
+        b'data: {"choices":[{"delta":{},"finish_reason":"length","index":0}],"usage":{"completion_tokens":2}}',
+        b"data: [DONE]",
+    ]
+    assert load.content_tokens(lines) == 2
+    body = json.loads(load.generate_body("m", max_tokens=64))
+    assert (body["stream"], body["max_tokens"], body["ignore_eos"], body["temperature"]) == (True, 64, True, 0)
+
+
+def test_real_summary_compares_gateway_with_direct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/real.py's arithmetic: median tokens/s ratio and the added median TTFT, with the issue's verdicts."""
+    _servers, real = bench_modules(monkeypatch, "servers", "real")
+
+    def run(target: str, concurrency: int, tokens_per_s: float, ttft: list[float]) -> Json:
+        return {
+            "target": target,
+            "concurrency": concurrency,
+            "tokens_per_s": tokens_per_s,
+            "ttft_ms": ttft,
+            "tokens": 640,
+            "errors": 0,
+            "relay_cpu_s": 0.064,
+            "llama_cpu_s": 6.4,
+        }
+
+    runs = [
+        *(run("direct", 1, rate, [20.0, 22.0, 21.0]) for rate in (100.0, 102.0, 98.0)),
+        *(run("relay", 1, rate, [20.5]) for rate in (100.0, 100.0, 100.0)),
+        *(run("gateway", 1, rate, [21.0, 22.5, 22.0]) for rate in (99.0, 101.0, 90.0)),
+        *(run("direct", 4, rate, [40.0]) for rate in (200.0, 200.0, 200.0)),
+        *(run("relay", 4, rate, [41.0]) for rate in (196.0, 196.0, 196.0)),
+        *(run("gateway", 4, rate, [45.0]) for rate in (190.0, 190.0, 190.0)),
+    ]
+    results: Json = {"runs": runs, "rounds": 3, "tokens": 64}
+    real.summarize(results, concurrencies=[1, 4])
+    one, four = results["table"]["1"], results["table"]["4"]
+    assert one["gateway"]["ratio"] == pytest.approx(99.0 / 100.0)
+    assert one["gateway"]["added_ttft_ms"] == pytest.approx(1.0)  # medians of the runs' medians: 22.0 - 21.0
+    assert one["relay"]["added_ttft_ms"] == pytest.approx(-0.5)
+    assert one["gateway"]["cpu_ms_per_100_tokens"] == pytest.approx(10.0)
+    assert four["gateway"]["ratio"] == pytest.approx(0.95) and four["gateway"]["added_ttft_ms"] == pytest.approx(5.0)
+    assert four["relay"]["ratio"] == pytest.approx(0.98)
+    verdicts = {item["name"]: item["passed"] for item in results["checks"]}
+    assert verdicts == {
+        "1 streams: tokens/s, gateway / direct": True,
+        "1 streams: added time to first token, ms": True,
+        "4 streams: tokens/s, gateway / direct": False,
+        "4 streams: added time to first token, ms": False,
+    }
+    assert "FAIL" in real.render(results)
+
+
+@shared_loop
+async def test_nginx_config_relays_streams_whole(
+    targets: Targets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.py --nginx's configuration in front of the fake upstream: every stream arrives whole (no buffering
+    cuts, keep-alive upstream). Skipped where nginx is not installed: tests install nothing."""
+    (servers,) = bench_modules(monkeypatch, "servers")
+    binary = servers.find_nginx()
+    if binary is None:
+        pytest.skip("nginx is not installed (run.py --nginx installs it)")
+    port = processes.free_port()
+    upstream_port = int(targets.direct.rpartition(":")[2])
+    config_path = servers.nginx_config(tmp_path / "nginx", port=port, upstream_port=upstream_port)
+    nginx = processes.start(servers.nginx_argv(binary, config_path), log_path=tmp_path / "nginx.log")
+    try:
+        url = f"http://{HOST}:{port}"
+        await wait_relaying(url, nginx)
+        (result,) = await run_load(url, "stream", "--concurrency", "4", "--duration", "0.5", "--warmup-s", "0")
+        assert result["errors"] == 0 and result["streams"] > 0
+        assert result["tokens_per_stream_min"] == result["tokens_per_stream_max"] == TOKENS
+    finally:
+        await processes.stop(nginx)
+
+
+def test_hotspots_reads_py_spy_raw_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/hotspots.py's summary of py-spy's raw format: self samples go to the leaf, inclusive ones to
+    every frame of the stack once, line numbers are folded."""
+    _report, _servers, _run, hotspots = bench_modules(monkeypatch, "report", "servers", "run", "hotspots")
+    raw = "\n".join(
+        [
+            "main (a.py:1);serve (b.py:10);send (c.py:5) 6",
+            "main (a.py:1);serve (b.py:12);send (c.py:7) 3",
+            "main (a.py:1);serve (b.py:12) 1",
+            "",
+        ]
+    )
+    total, own, within = hotspots.top_frames(raw, 2)
+    assert total == 10
+    assert own == [("send (c.py)", 9), ("serve (b.py)", 1)]
+    assert within == [("main (a.py)", 10), ("serve (b.py)", 10)]

