@@ -503,6 +503,13 @@ async def test_a_new_binary_whose_instances_fail_is_rolled_back(tmp_path: Path) 
             except openai.APIError:
                 return False  # the bad binary's instances fail to start until the rollback
 
+        async def rolled_back() -> bool:
+            # the planner drains revision 1's instance only once the node publishes revision 2, so a request
+            # may still be answered by it before the rollback: keep asking until the rollback is recorded
+            await answered()
+            return served.manager.status.llama_cpp_version == _version(1)
+
+        await waiting.eventually(rolled_back, within_s=120, what="the bad build to be rolled back")
         await waiting.eventually(answered, within_s=120, what="a request answered after the rollback")
 
         node = await served.node()

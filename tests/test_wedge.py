@@ -431,12 +431,21 @@ async def test_a_slow_real_generation_is_never_stopped_and_a_frozen_one_is(
     async with test_e2e_serve.serving(
         tmp_path, llama_server_binary, real_cookbook(chat_model), wedge_detector=watchdog
     ) as node:
+        # How fast this machine generates, so the long generation lasts well past the window however fast it is
+        started = time.monotonic()
+        probe = await node.client.completions.create(
+            model="tiny", prompt="once upon a time", max_tokens=1000, extra_body={"ignore_eos": True}
+        )
+        tokens_per_s = 1000 / (time.monotonic() - started)
+        assert probe.usage is not None and probe.usage.completion_tokens == 1000
+        wanted = max(6000, int(tokens_per_s * (REAL_WINDOW_S + 3) * 2))
+
         started = time.monotonic()
         answer = await node.client.completions.create(
-            model="tiny", prompt="once upon a time", max_tokens=6000, extra_body={"ignore_eos": True}
+            model="tiny", prompt="once upon a time", max_tokens=wanted, extra_body={"ignore_eos": True}
         )
         took = time.monotonic() - started
-        assert answer.usage is not None and answer.usage.completion_tokens == 6000
+        assert answer.usage is not None and answer.usage.completion_tokens == wanted
         # slot usage reaches the agent within about a second: the watchdog watched it for over a window
         assert took > REAL_WINDOW_S + 3, f"the generation took {took:.1f} s, too short to show anything"
         [server] = node.llama_servers()
