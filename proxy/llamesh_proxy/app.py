@@ -1,8 +1,8 @@
 """The gateway's aiohttp application: routes, middlewares, and what runs while it is up.
 
 `create_app(...)` builds everything from its arguments and starts nothing: on startup (cleanup_ctx) the
-shared upstream `ClientSession` is opened, the catalog is primed from the store, the watches and the
-usage publisher start; on cleanup they stop, a last usage report is written and the session closes.
+upstream connection pool (`upstream_http`) is opened, the catalog is primed from the store, the watches and the
+usage publisher start; on cleanup they stop, a last usage report is written and the upstream pool closes.
 With a `metrics_path`, the counters are loaded from the node's metrics file and saved to it (`metrics_file`).
 
 Run it with `make_runner(app)`: a client that disconnects must cancel its handler (`handler_cancellation`),
@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import typedefs, web
 
 from llamesh_api import config, store
@@ -35,6 +34,7 @@ from llamesh_proxy import (
     gateway,
     inference,
     metrics_file,
+    upstream_http,
 )
 
 GATEWAY = gateway.GATEWAY
@@ -69,7 +69,7 @@ def create_app(
     app = web.Application(client_max_size=node_config.http.request_body_limit_bytes, middlewares=middlewares)
     app[GATEWAY] = gw
     _add_routes(app)
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_background)
     app.cleanup_ctx.append(metrics_file.persisted)
     return app
@@ -113,20 +113,20 @@ def _add_routes(app: web.Application) -> None:
     dashboard.add_routes(app)
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    """One keep-alive session for every upstream request; bytes are relayed undecoded."""
+async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
+    """One pool of keep-alive connections for every upstream request (`upstream_http`); bytes are relayed undecoded."""
     gw = app[GATEWAY]
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-    async with aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
-    ) as session:
-        gw.forwarder = forwarder.Forwarder(
-            session,
-            credential_headers=gw.authenticator.credential_headers(),
-            upstream_read_timeout_ms=gw.config.upstream_read_timeout_ms,
-        )
+    pool = upstream_http.Pool(keepalive_s=60)
+    gw.forwarder = forwarder.Forwarder(
+        pool,
+        credential_headers=gw.authenticator.credential_headers(),
+        upstream_read_timeout_ms=gw.config.upstream_read_timeout_ms,
+    )
+    try:
         yield
+    finally:
         gw.forwarder = None
+        await pool.close()
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

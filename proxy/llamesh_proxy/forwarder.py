@@ -32,7 +32,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from llamesh_proxy import errors
+from llamesh_proxy import errors, upstream_http
 
 HOP_BY_HOP = frozenset(
     {
@@ -109,19 +109,18 @@ def upstream_headers(
 
 
 class Forwarder:
-    """Sends requests upstream on one shared, keep-alive `ClientSession`."""
+    """Sends requests upstream on one shared pool of keep-alive connections (`upstream_http`)."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: upstream_http.Pool,
         *,
         credential_headers: tuple[str, ...],
         upstream_read_timeout_ms: int,
     ) -> None:
-        self._session = session
+        self._pool = pool
         self._dropped = REQUEST_HEADERS_DROPPED | {name.lower() for name in credential_headers}
         self._sock_read = upstream_read_timeout_ms / 1000 if upstream_read_timeout_ms else None
-        self._timeouts: dict[int, aiohttp.ClientTimeout] = {}
         self._rerank_paths: dict[str, str] = {}  # base URL → the rerank spelling its llama-server registers
 
     async def relay(
@@ -137,20 +136,22 @@ class Forwarder:
         relay: Relay,
     ) -> web.StreamResponse:
         headers = upstream_headers(request.headers, dropped=self._dropped, api_key=api_key, request_id=request_id)
-        timeout = self._timeout(max_duration_ms)
+        total_s = max_duration_ms / 1000 if max_duration_ms else None
         rerank = request.path in RERANK_PATHS
         path = self._rerank_paths.get(base_url, request.path) if rerank else request.path
         query = f"?{request.query_string}" if request.query_string else ""
         try:
-            upstream = await self._session.request(
+            upstream = await self._pool.request(
                 request.method,
-                base_url + (path + query if rerank else request.raw_path),
-                data=body,
+                base_url,
+                path + query if rerank else request.raw_path,
                 headers=headers,
-                timeout=timeout,
+                body=body,
+                total_s=total_s,
+                read_timeout_s=self._sock_read,
             )
             if rerank and upstream.status == 404:
-                upstream = await self._rerank_elsewhere(upstream, base_url, path, query, body, headers, timeout)
+                upstream = await self._rerank_elsewhere(upstream, base_url, path, query, body, headers, total_s)
         except _UPSTREAM_FAILURES as exc:
             relay.upstream_failed = True
             if isinstance(exc, aiohttp.ClientConnectionError | ConnectionError) and not isinstance(exc, TimeoutError):
@@ -167,21 +168,27 @@ class Forwarder:
 
     async def _rerank_elsewhere(
         self,
-        not_found: aiohttp.ClientResponse,
+        not_found: upstream_http.Response,
         base_url: str,
         tried: str,
         query: str,
         body: bytes,
-        headers: Mapping[str, str],
-        client_timeout: aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
+        headers: CIMultiDict[str],
+        total_s: float | None,
+    ) -> upstream_http.Response:
         """A 404 on a rerank path: this llama-server build registers other spellings. Try them in turn and
         remember, per instance, the first one it answers; the last 404 is relayed if none works."""
         upstream = not_found
         for path in (p for p in RERANK_PATHS if p != tried):
             await upstream.release()
-            upstream = await self._session.request(
-                "POST", base_url + path + query, data=body, headers=headers, timeout=client_timeout
+            upstream = await self._pool.request(
+                "POST",
+                base_url,
+                path + query,
+                headers=headers,
+                body=body,
+                total_s=total_s,
+                read_timeout_s=self._sock_read,
             )
             if upstream.status != 404:
                 if len(self._rerank_paths) >= MAX_REMEMBERED_INSTANCES:
@@ -190,7 +197,7 @@ class Forwarder:
                 break
         return upstream
 
-    async def _relay_whole(self, upstream: aiohttp.ClientResponse, *, request_id: str, relay: Relay) -> web.Response:
+    async def _relay_whole(self, upstream: upstream_http.Response, *, request_id: str, relay: Relay) -> web.Response:
         try:
             payload = await upstream.read()
         except _UPSTREAM_FAILURES as exc:
@@ -204,7 +211,7 @@ class Forwarder:
         return response
 
     async def _relay_stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, *, request_id: str, relay: Relay
+        self, request: web.Request, upstream: upstream_http.Response, *, request_id: str, relay: Relay
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, headers=self._client_headers(upstream))
         response.headers.update(STREAM_HEADERS)
@@ -212,12 +219,11 @@ class Forwarder:
         tail: list[bytes] = []
         events = 0
         failure = ""
-        content = upstream.content
         try:
             await response.prepare(request)
             while True:
                 try:
-                    chunk = await content.readany()
+                    chunk = await upstream.readany()
                 except _UPSTREAM_FAILURES as exc:
                     relay.upstream_failed = True
                     failure = _describe(exc)
@@ -244,19 +250,11 @@ class Forwarder:
         return response
 
     @staticmethod
-    def _client_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    def _client_headers(upstream: upstream_http.Response) -> CIMultiDict[str]:
         headers = CIMultiDict(upstream.headers)  # pruned as in `upstream_headers`, for the same reason
         for name in RESPONSE_HEADERS_DROPPED:
             headers.popall(name, None)
         return headers
-
-    def _timeout(self, max_duration_ms: int) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(max_duration_ms)
-        if timeout is None:
-            total = max_duration_ms / 1000 if max_duration_ms else None
-            timeout = aiohttp.ClientTimeout(total=total, sock_connect=10, sock_read=self._sock_read)
-            self._timeouts[max_duration_ms] = timeout
-        return timeout
 
 
 def stream_error_event(failure: str, *, after: bytes) -> bytes:

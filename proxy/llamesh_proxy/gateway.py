@@ -74,7 +74,7 @@ class Gateway:
     @property
     def forwarder(self) -> forwarder.Forwarder:
         if self._forwarder is None:
-            raise RuntimeError("the gateway's upstream session is not open; is the application started?")
+            raise RuntimeError("the gateway's upstream pool is not open; is the application started?")
         return self._forwarder
 
     @forwarder.setter

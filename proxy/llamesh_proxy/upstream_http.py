@@ -1,0 +1,294 @@
+"""A lean HTTP/1.1 client for the one hop the gateway makes on every request: to its llama-server instance.
+
+Why: `aiohttp.ClientSession.request` spends most of its time on things this hop never uses (tracing
+signals, the cookie jar, yarl URL building and re-quoting, auto-header negotiation, payload objects, a
+`ClientRequest` and a `ClientResponse` per request, the connector's bookkeeping); under the benchmark's
+throughput load that was the largest piece of the gateway's Python time per request (bench/README.md,
+profiled). This module keeps aiohttp's own wire pieces — its C response parser and `ResponseHandler`
+protocol (flow control, the socket read timeout, `StreamReader` bodies) and its timer for the total
+timeout — so responses are parsed, and fail, exactly as through a `ClientSession`: the same exception
+types (`ClientConnectorError`, `ServerDisconnectedError`, `ClientPayloadError`, `SocketTimeoutError`,
+`TimeoutError`) for the same events. What it drops is everything around them.
+
+`Pool` keeps idle keep-alive connections per base URL (`http://host:port`), newest first, and drops one
+idle longer than `keepalive_s` or already closed by the server. A request is written with one `write`:
+the request line, the caller's headers, the `Host`, `Accept`, `Accept-Encoding`, `User-Agent`,
+`Content-Type` and `Content-Length` aiohttp would have added, and the body. A response whose body was read
+to the end on a connection that may stay open goes back to the pool; anything else closes the connection.
+
+Not here: TLS (instance URLs are plain `http://`; `https://` is refused), proxies, redirects, cookies,
+decompression (the gateway relays bytes undecoded), request bodies other than bytes, retries (the caller
+decides: `inference` retries a refused or at-once dropped connection), HTTP/2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import sys
+import time
+import urllib.parse
+
+import aiohttp
+from aiohttp import client_proto, client_reqrep, helpers, http_exceptions, streams
+from multidict import CIMultiDict, CIMultiDictProxy
+
+KEEPALIVE_S = 60.0  # aiohttp's TCPConnector(keepalive_timeout=60), as the gateway configured it
+CONNECT_TIMEOUT_S = 10.0  # ClientTimeout(sock_connect=10)
+READ_BUFSIZE = 2**16  # ClientSession's default read_bufsize
+MAX_IDLE_PER_HOST = 256
+TIMEOUT_CEIL_THRESHOLD = 5.0
+USER_AGENT = f"Python/{sys.version_info[0]}.{sys.version_info[1]} aiohttp/{aiohttp.__version__}"
+_AUTO_HEADERS = (("accept", "*/*"), ("accept-encoding", "gzip, deflate"), ("user-agent", USER_AGENT))
+
+
+class UpstreamResponseError(aiohttp.ClientResponseError):
+    """The upstream's answer could not be parsed as HTTP (aiohttp's `ClientSession` raises a
+    `ClientResponseError` with the parser's code and message for the same)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Origin:
+    """A base URL parsed once: where to connect and what `Host` says."""
+
+    host: str
+    port: int
+    host_header: str
+    key: client_reqrep.ConnectionKey
+
+
+def parse_origin(base_url: str) -> _Origin:
+    """`http://host[:port]` (no path) → where to connect; anything but plain http is refused."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"not a plain http:// base URL: {base_url!r}")
+    port = parts.port or 80
+    host_header = parts.netloc.rpartition("@")[2]
+    if parts.port == 80:
+        host_header = host_header.rpartition(":")[0]
+    key = client_reqrep.ConnectionKey(parts.hostname, port, False, True, None, None, None)
+    return _Origin(host=parts.hostname, port=port, host_header=host_header, key=key)
+
+
+def request_head(method: str, target: str, *, origin_host: str, headers: CIMultiDict[str], length: int) -> bytes:
+    """The request line and header block, in the order and with the defaults aiohttp writes."""
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin_host}\r\n"]
+    for name, value in _AUTO_HEADERS:
+        if name not in headers:
+            lines.append(f"{name.title()}: {value}\r\n")
+    for name, value in headers.items():
+        line = f"{name}: {value}"
+        if "\r" in line or "\n" in line:  # would split the header block (aiohttp refuses these too)
+            raise ValueError("Newline or carriage return character detected in HTTP header")
+        lines.append(line + "\r\n")
+    if "content-type" not in headers:
+        lines.append("Content-Type: application/octet-stream\r\n")
+    lines.append(f"Content-Length: {length}\r\n\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+class Response:
+    """One upstream answer: status and headers, and the body to read (`read` or `readany`). `close` hands
+    the connection back to the pool when the body was read to its end, and closes it otherwise."""
+
+    __slots__ = ("_deadline", "_handle", "_origin", "_payload", "_pool", "_protocol", "headers", "status")
+
+    def __init__(
+        self,
+        pool: Pool,
+        origin: _Origin,
+        protocol: client_proto.ResponseHandler,
+        *,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        payload: streams.StreamReader,
+        handle: helpers.TimeoutHandle,
+        deadline: asyncio.TimerHandle | None,
+    ) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._protocol: client_proto.ResponseHandler | None = protocol
+        self._payload = payload
+        self._handle = handle
+        self._deadline = deadline
+        self.status = status
+        self.headers = headers
+
+    async def readany(self) -> bytes:
+        """The next piece of the body as it arrives; b"" at its end."""
+        return await self._payload.readany()
+
+    async def read(self) -> bytes:
+        """The rest of the body."""
+        return await self._payload.read()
+
+    async def release(self) -> None:
+        """Read what is left of the body, then `close`."""
+        try:
+            await self._payload.read()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is None:
+            return
+        self._handle.close()
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._payload.is_eof() and self._payload.exception() is None and not protocol.should_close:
+            self._pool.put_back(self._origin, protocol)
+        else:
+            protocol.close()
+
+
+class Pool:
+    """Keep-alive connections to upstreams, per base URL."""
+
+    def __init__(self, *, keepalive_s: float = KEEPALIVE_S, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        self._keepalive_s = keepalive_s
+        self._connect_timeout_s = connect_timeout_s
+        self._origins: dict[str, _Origin] = {}
+        self._idle: dict[_Origin, collections.deque[tuple[float, client_proto.ResponseHandler]]] = {}
+        self._closed = False
+
+    async def request(
+        self,
+        method: str,
+        base_url: str,
+        target: str,
+        *,
+        headers: CIMultiDict[str],
+        body: bytes,
+        total_s: float | None,
+        read_timeout_s: float | None,
+    ) -> Response:
+        """Send `method target` with `body` to `base_url`; returns once the status and headers are in.
+
+        `total_s` bounds everything until the body's end (a `TimeoutError`), `read_timeout_s` each wait on
+        the socket (`SocketTimeoutError`); None for no limit."""
+        if self._closed:
+            raise aiohttp.ClientConnectionError("Session is closed")
+        origin = self._origins.get(base_url)
+        if origin is None:
+            origin = self._origins[base_url] = parse_origin(base_url)
+        loop = asyncio.get_running_loop()
+        handle = helpers.TimeoutHandle(loop, total_s, ceil_threshold=TIMEOUT_CEIL_THRESHOLD)
+        deadline = handle.start()
+        timer = handle.timer()
+        try:
+            protocol = self._take(origin)  # not `or`: a ResponseHandler is a queue, falsy while empty
+            if protocol is None:
+                with timer:
+                    protocol = await self._connect(loop, origin)
+            head = request_head(method, target, origin_host=origin.host_header, headers=headers, length=len(body))
+            protocol.set_response_params(
+                timer=timer,
+                read_until_eof=True,
+                auto_decompress=False,
+                read_timeout=read_timeout_s,
+                read_bufsize=READ_BUFSIZE,
+                timeout_ceil_threshold=TIMEOUT_CEIL_THRESHOLD,
+            )
+            transport = protocol.transport
+            if transport is None:
+                raise aiohttp.ServerDisconnectedError()
+            transport.write(head + body if len(body) < 2**16 else head)
+            if len(body) >= 2**16:
+                transport.write(body)
+            try:
+                with timer:
+                    if protocol.writing_paused:
+                        await protocol._drain_helper()
+                    protocol.start_timeout()
+                    while True:
+                        message, payload = await protocol.read()
+                        if message.code < 100 or message.code > 199 or message.code == 101:
+                            break
+                        protocol.set_response_params(  # a 1xx: the real answer follows on the same connection
+                            timer=timer,
+                            read_until_eof=True,
+                            auto_decompress=False,
+                            read_timeout=read_timeout_s,
+                            read_bufsize=READ_BUFSIZE,
+                            timeout_ceil_threshold=TIMEOUT_CEIL_THRESHOLD,
+                        )
+            except http_exceptions.HttpProcessingError as exc:
+                protocol.close()
+                raise UpstreamResponseError(
+                    _request_info(method, base_url + target), (), status=exc.code, message=exc.message
+                ) from exc
+            except BaseException:
+                protocol.close()
+                raise
+        except BaseException:
+            handle.close()
+            if deadline is not None:
+                deadline.cancel()
+            raise
+        return Response(
+            self,
+            origin,
+            protocol,
+            status=message.code,
+            headers=message.headers,
+            payload=payload,
+            handle=handle,
+            deadline=deadline,
+        )
+
+    def _take(self, origin: _Origin) -> client_proto.ResponseHandler | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        oldest_kept = time.monotonic() - self._keepalive_s
+        while idle:
+            since, protocol = idle.pop()
+            if since >= oldest_kept and protocol.is_connected():
+                return protocol
+            protocol.close()
+        return None
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, origin: _Origin) -> client_proto.ResponseHandler:
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _transport, protocol = await loop.create_connection(
+                    lambda: client_proto.ResponseHandler(loop), origin.host, origin.port
+                )
+        except TimeoutError:
+            raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host http://{origin.host_header}") from None
+        except OSError as exc:
+            raise aiohttp.ClientConnectorError(origin.key, exc) from exc
+        return protocol
+
+    def put_back(self, origin: _Origin, protocol: client_proto.ResponseHandler) -> None:
+        if self._closed or not protocol.is_connected():
+            protocol.close()
+            return
+        idle = self._idle.get(origin)
+        if idle is None:
+            idle = self._idle[origin] = collections.deque()
+        now = time.monotonic()
+        while idle and (now - idle[0][0] > self._keepalive_s or len(idle) >= MAX_IDLE_PER_HOST):
+            idle.popleft()[1].close()
+        idle.append((now, protocol))
+
+    def idle_connections(self, base_url: str) -> int:
+        """Idle connections kept for `base_url` (for tests and the curious)."""
+        origin = self._origins.get(base_url)
+        idle = self._idle.get(origin) if origin is not None else None
+        return sum(1 for _since, protocol in idle if protocol.is_connected()) if idle else 0
+
+    async def close(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for _since, protocol in idle:
+                protocol.close()
+        self._idle.clear()
+
+
+def _request_info(method: str, url: str) -> aiohttp.RequestInfo:
+    import yarl  # only on this rare path
+
+    return aiohttp.RequestInfo(yarl.URL(url), method, CIMultiDictProxy(CIMultiDict()), yarl.URL(url))

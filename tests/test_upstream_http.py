@@ -1,0 +1,338 @@
+"""The gateway's lean upstream client (`upstream_http`) against real sockets.
+
+The upstream is a raw asyncio TCP server that answers each request with bytes the test scripts (a fake is
+the point here: the faults are the thing under test): content-length and chunked bodies, a body read to
+its end when the server closes, `Connection: close`, a server that dies mid-body, one that closes an idle
+kept-alive connection, one that stalls before or after its headers, a malformed status line, a refused
+port. Each test checks what the client raises (the same aiohttp exception types a `ClientSession` raises)
+and whether the connection went back to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+
+from llamesh_proxy import upstream_http
+from rig import waiting
+
+Answer = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # (request, writer) → keep the connection
+
+
+class Upstream:
+    """A TCP server that reads one request at a time (head + Content-Length body) and lets `answer` reply."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.closed = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stop = asyncio.Event()  # set at teardown: a stalling answer returns
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.append(task)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                if not await self.answer(request, writer):
+                    return
+        finally:
+            self.closed += 1
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def upstream(answer: Answer) -> AsyncIterator[Upstream]:
+    server = Upstream(answer)
+    server.server = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        server.server.close()
+        server.stop.set()
+        for writer in server.writers:
+            writer.close()  # a handler waiting for the next request sees the end of its stream
+        await asyncio.gather(*server.tasks, return_exceptions=True)
+
+
+def replying(data: bytes, *, keep: bool = True) -> Answer:
+    async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(data)
+        await writer.drain()
+        return keep
+
+    return answer
+
+
+OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
+
+
+async def ask(pool: upstream_http.Pool, url: str, **options: float | None) -> upstream_http.Response:
+    headers = CIMultiDict({"Content-Type": "application/json", "X-Request-Id": "r-1"})
+    return await pool.request(
+        "POST",
+        url,
+        "/v1/chat/completions?x=1",
+        headers=headers,
+        body=b'{"model":"m"}',
+        total_s=options.get("total_s"),
+        read_timeout_s=options.get("read_timeout_s"),
+    )
+
+
+async def test_content_length_body_and_keep_alive_reuse() -> None:
+    async with upstream(replying(OK)) as server:
+        pool = upstream_http.Pool()
+        try:
+            for _ in range(3):
+                response = await ask(pool, server.url)
+                assert response.status == 200
+                assert response.headers["Content-Type"] == "application/json"
+                assert await response.read() == b'{"ok":true}'
+                response.close()
+                assert pool.idle_connections(server.url) == 1
+            assert server.connections == 1  # one connection carried all three
+        finally:
+            await pool.close()
+        head = server.requests[0].split(b"\r\n\r\n")[0].decode().split("\r\n")
+        assert head[0] == "POST /v1/chat/completions?x=1 HTTP/1.1"
+        fields = {line.partition(": ")[0].lower(): line.partition(": ")[2] for line in head[1:]}
+        assert fields["host"] == server.url.removeprefix("http://")
+        assert fields["content-length"] == "13" and fields["content-type"] == "application/json"
+        assert fields["x-request-id"] == "r-1" and fields["accept"] == "*/*"
+        assert fields["user-agent"].startswith("Python/") and fields["accept-encoding"] == "gzip, deflate"
+        assert server.requests[0].endswith(b'\r\n\r\n{"model":"m"}')
+
+
+async def test_chunked_body_arrives_piece_by_piece() -> None:
+    events = [b'data: {"n":%d}\n\n' % n for n in range(5)]
+
+    async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for event in events:
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    async with upstream(answer) as server:
+        pool = upstream_http.Pool()
+        try:
+            response = await ask(pool, server.url)
+            assert "Transfer-Encoding" in response.headers
+            received = b""
+            while chunk := await response.readany():
+                received += chunk
+            assert received == b"".join(events)
+            response.close()
+            assert pool.idle_connections(server.url) == 1
+        finally:
+            await pool.close()
+
+
+async def test_connection_close_is_not_pooled() -> None:
+    closing = OK.replace(b"Content-Length", b"Connection: close\r\nContent-Length")
+    async with upstream(replying(closing, keep=False)) as server:
+        pool = upstream_http.Pool()
+        try:
+            for expected in (1, 2):
+                response = await ask(pool, server.url)
+                assert await response.read() == b'{"ok":true}'
+                response.close()
+                assert pool.idle_connections(server.url) == 0
+                assert server.connections == expected
+        finally:
+            await pool.close()
+
+
+async def test_body_until_the_server_closes() -> None:
+    no_length = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it"
+    async with upstream(replying(no_length, keep=False)) as server:
+        pool = upstream_http.Pool()
+        try:
+            response = await ask(pool, server.url)
+            assert await response.read() == b"all of it"
+            response.close()
+            assert pool.idle_connections(server.url) == 0
+        finally:
+            await pool.close()
+
+
+async def test_upstream_dying_mid_body_is_a_payload_error() -> None:
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b"
+    async with upstream(replying(cut, keep=False)) as server:
+        pool = upstream_http.Pool()
+        try:
+            response = await ask(pool, server.url)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+            response.close()
+            assert pool.idle_connections(server.url) == 0
+        finally:
+            await pool.close()
+
+
+async def test_dying_before_the_answer_is_a_disconnect() -> None:
+    async with upstream(replying(b"", keep=False)) as server:
+        pool = upstream_http.Pool()
+        try:
+            with pytest.raises(aiohttp.ServerDisconnectedError):
+                await ask(pool, server.url)
+        finally:
+            await pool.close()
+
+
+async def test_idle_connection_closed_by_the_server_is_not_reused() -> None:
+    async with upstream(replying(OK)) as server:
+        pool = upstream_http.Pool()
+        try:
+            (await ask(pool, server.url)).close()
+            assert pool.idle_connections(server.url) == 1
+            server.writers[0].close()  # the server drops the kept-alive connection, as llama-server does
+            await waiting.eventually(lambda: pool.idle_connections(server.url) == 0, within_s=10, what="close seen")
+            response = await ask(pool, server.url)
+            assert await response.read() == b'{"ok":true}'
+            response.close()
+            assert server.connections == 2
+        finally:
+            await pool.close()
+
+
+async def test_abandoned_body_closes_the_connection() -> None:
+    async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        return True
+
+    async with upstream(answer) as server:
+        pool = upstream_http.Pool()
+        try:
+            response = await ask(pool, server.url)
+            assert await response.readany() == b"first"
+            response.close()  # the client went away mid-stream
+            assert pool.idle_connections(server.url) == 0
+            await waiting.eventually(lambda: server.closed == 1, within_s=10, what="upstream sees the close")
+        finally:
+            await pool.close()
+
+
+async def test_stall_before_the_headers_hits_the_total_timeout() -> None:
+    stop = asyncio.Event()
+
+    async def stall(_request: bytes, _writer: asyncio.StreamWriter) -> bool:
+        await stop.wait()
+        return False
+
+    async with upstream(stall) as server:
+        server.stop = stop
+        pool = upstream_http.Pool()
+        try:
+            with pytest.raises(TimeoutError):
+                await ask(pool, server.url, total_s=0.2)
+            assert pool.idle_connections(server.url) == 0
+        finally:
+            await pool.close()
+
+
+async def test_stall_in_the_body_hits_the_read_timeout_and_the_total_timeout() -> None:
+    async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        return True
+
+    async with upstream(answer) as server:
+        pool = upstream_http.Pool()
+        try:
+            response = await ask(pool, server.url, read_timeout_s=0.2)
+            assert await response.readany() == b"first"
+            with pytest.raises(aiohttp.SocketTimeoutError):
+                await response.readany()
+            response.close()
+            response = await ask(pool, server.url, total_s=0.3)
+            assert await response.readany() == b"first"
+            with pytest.raises(TimeoutError):
+                await response.readany()
+            response.close()
+        finally:
+            await pool.close()
+
+
+async def test_refused_connection_is_a_connector_error() -> None:
+    async with upstream(replying(OK)) as server:
+        url = server.url
+    pool = upstream_http.Pool()
+    try:
+        with pytest.raises(aiohttp.ClientConnectorError) as raised:
+            await ask(pool, url)
+        assert isinstance(raised.value.os_error, ConnectionRefusedError)
+        assert str(raised.value).startswith(f"Cannot connect to host 127.0.0.1:{url.rpartition(':')[2]}")
+    finally:
+        await pool.close()
+
+
+async def test_malformed_answer_is_a_client_error() -> None:
+    async with upstream(replying(b"NOT HTTP AT ALL\r\n\r\n", keep=False)) as server:
+        pool = upstream_http.Pool()
+        try:
+            with pytest.raises(aiohttp.ClientResponseError):
+                await ask(pool, server.url)
+        finally:
+            await pool.close()
+
+
+async def test_informational_answer_is_skipped() -> None:
+    async with upstream(replying(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)) as server:
+        pool = upstream_http.Pool()
+        try:
+            response = await ask(pool, server.url)
+            assert response.status == 200 and await response.read() == b'{"ok":true}'
+            response.close()
+        finally:
+            await pool.close()
+
+
+def test_request_head_keeps_the_callers_headers_and_refuses_injection() -> None:
+    headers = CIMultiDict([("accept", "text/event-stream"), ("X-A", "1"), ("x-a", "2")])
+    head = upstream_http.request_head("POST", "/p", origin_host="h:1", headers=headers, length=3).decode()
+    assert head.startswith("POST /p HTTP/1.1\r\nHost: h:1\r\n") and head.endswith("Content-Length: 3\r\n\r\n")
+    assert "Accept: */*" not in head and "accept: text/event-stream\r\n" in head
+    assert "X-A: 1\r\nx-a: 2\r\n" in head  # repeated headers kept, in order
+    for bad in ("a\r\nInjected: 1", "a\nb", "a\rb"):
+        with pytest.raises(ValueError, match="Newline or carriage return"):
+            upstream_http.request_head("POST", "/p", origin_host="h", headers=CIMultiDict({"X": bad}), length=0)
+
+
+def test_parse_origin() -> None:
+    assert upstream_http.parse_origin("http://10.0.0.1:8081").host_header == "10.0.0.1:8081"
+    assert upstream_http.parse_origin("http://node-a").port == 80
+    assert upstream_http.parse_origin("http://[::1]:9").host == "::1"
+    with pytest.raises(ValueError, match="plain http"):
+        upstream_http.parse_origin("https://node-a:443")
