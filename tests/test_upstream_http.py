@@ -226,6 +226,23 @@ async def test_idle_connection_closed_by_the_server_is_not_reused() -> None:
             await pool.close()
 
 
+async def test_connection_with_stray_bytes_while_idle_is_not_reused() -> None:
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+    async with upstream(replying(OK + stray)) as server:
+        pool = upstream_http.Pool()
+        try:
+            response = await ask(pool, server.url)
+            assert await response.read() == b'{"ok":true}'
+            response.close()
+            await waiting.eventually(lambda: pool.idle_connections(server.url) == 0, within_s=10, what="stray seen")
+            response = await ask(pool, server.url)
+            assert await response.read() == b'{"ok":true}'  # a new connection: not the stray answer
+            response.close()
+            assert server.connections == 2
+        finally:
+            await pool.close()
+
+
 async def test_abandoned_body_closes_the_connection() -> None:
     async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")

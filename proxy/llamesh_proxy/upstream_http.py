@@ -245,7 +245,7 @@ class Pool:
         oldest_kept = time.monotonic() - self._keepalive_s
         while idle:
             since, protocol = idle.pop()
-            if since >= oldest_kept and protocol.is_connected():
+            if since >= oldest_kept and _reusable(protocol):
                 return protocol
             protocol.close()
         return None
@@ -278,7 +278,7 @@ class Pool:
         """Idle connections kept for `base_url` (for tests and the curious)."""
         origin = self._origins.get(base_url)
         idle = self._idle.get(origin) if origin is not None else None
-        return sum(1 for _since, protocol in idle if protocol.is_connected()) if idle else 0
+        return sum(1 for _since, protocol in idle if _reusable(protocol)) if idle else 0
 
     async def close(self) -> None:
         self._closed = True
@@ -286,6 +286,11 @@ class Pool:
             for _since, protocol in idle:
                 protocol.close()
         self._idle.clear()
+
+
+def _reusable(protocol: client_proto.ResponseHandler) -> bool:
+    """Open, and nothing arrived on it while it was idle (an answer to nothing means a confused server)."""
+    return protocol.is_connected() and not protocol.should_close
 
 
 def _request_info(method: str, url: str) -> aiohttp.RequestInfo:
