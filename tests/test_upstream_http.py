@@ -336,6 +336,46 @@ async def test_informational_answer_is_skipped() -> None:
             await pool.close()
 
 
+async def test_informational_answer_then_the_answer_in_pieces() -> None:
+    async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
+        for piece in (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConte", OK[len(b"HTTP/1.1 200 OK\r\nConte") :]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0)  # two segments: the answer's head is split across reads
+        return True
+
+    async with upstream(answer) as server:
+        pool = upstream_http.Pool()
+        try:
+            response = await ask(pool, server.url)
+            assert response.status == 200 and await response.read() == b'{"ok":true}'
+            response.close()
+        finally:
+            await pool.close()
+
+
+async def test_refused_header_closes_the_connection_it_took() -> None:
+    async with upstream(replying(OK)) as server:
+        pool = upstream_http.Pool()
+        try:
+            (await ask(pool, server.url)).close()
+            assert pool.idle_connections(server.url) == 1
+            with pytest.raises(ValueError, match="Newline"):
+                await pool.request(
+                    "POST",
+                    server.url,
+                    "/p",
+                    headers=CIMultiDict({"X": "a\nb"}),
+                    body=b"",
+                    total_s=None,
+                    read_timeout_s=None,
+                )
+            assert pool.idle_connections(server.url) == 0
+            await waiting.eventually(lambda: server.closed == 1, within_s=10, what="the taken connection closed")
+        finally:
+            await pool.close()
+
+
 def test_request_head_keeps_the_callers_headers_and_refuses_injection() -> None:
     headers = CIMultiDict([("accept", "text/event-stream"), ("X-A", "1"), ("x-a", "2")])
     head = upstream_http.request_head("POST", "/p", origin_host="h:1", headers=headers, length=3).decode()

@@ -182,38 +182,30 @@ class Pool:
             if protocol is None:
                 with timer:
                     protocol = await self._connect(loop, origin)
-            head = request_head(method, target, origin_host=origin.host_header, headers=headers, length=len(body))
-            protocol.set_response_params(
-                timer=timer,
-                read_until_eof=True,
-                auto_decompress=False,
-                read_timeout=read_timeout_s,
-                read_bufsize=READ_BUFSIZE,
-                timeout_ceil_threshold=TIMEOUT_CEIL_THRESHOLD,
-            )
-            transport = protocol.transport
-            if transport is None:
-                raise aiohttp.ServerDisconnectedError()
-            transport.write(head + body if len(body) < 2**16 else head)
-            if len(body) >= 2**16:
-                transport.write(body)
             try:
+                head = request_head(method, target, origin_host=origin.host_header, headers=headers, length=len(body))
+                protocol.set_response_params(
+                    timer=timer,
+                    read_until_eof=True,
+                    auto_decompress=False,
+                    read_timeout=read_timeout_s,
+                    read_bufsize=READ_BUFSIZE,
+                    timeout_ceil_threshold=TIMEOUT_CEIL_THRESHOLD,
+                )
+                transport = protocol.transport
+                if transport is None:
+                    raise aiohttp.ServerDisconnectedError()
+                transport.write(head + body if len(body) < 2**16 else head)
+                if len(body) >= 2**16:
+                    transport.write(body)
                 with timer:
                     if protocol.writing_paused:
                         await protocol._drain_helper()
                     protocol.start_timeout()
-                    while True:
+                    while True:  # as ClientResponse.start: a 1xx is skipped, the parser reads the next answer
                         message, payload = await protocol.read()
                         if message.code < 100 or message.code > 199 or message.code == 101:
                             break
-                        protocol.set_response_params(  # a 1xx: the real answer follows on the same connection
-                            timer=timer,
-                            read_until_eof=True,
-                            auto_decompress=False,
-                            read_timeout=read_timeout_s,
-                            read_bufsize=READ_BUFSIZE,
-                            timeout_ceil_threshold=TIMEOUT_CEIL_THRESHOLD,
-                        )
             except http_exceptions.HttpProcessingError as exc:
                 protocol.close()
                 raise UpstreamResponseError(
