@@ -92,7 +92,7 @@ class Response:
     """One upstream answer: status and headers, and the body to read (`read` or `readany`). `close` hands
     the connection back to the pool when the body was read to its end, and closes it otherwise."""
 
-    __slots__ = ("_deadline", "_handle", "_origin", "_payload", "_pool", "_protocol", "headers", "status")
+    __slots__ = ("_deadline", "_handle", "_origin", "_payload", "_pool", "_protocol", "content", "headers", "status")
 
     def __init__(
         self,
@@ -110,6 +110,7 @@ class Response:
         self._origin = origin
         self._protocol: client_proto.ResponseHandler | None = protocol
         self._payload = payload
+        self.content = payload  # the body's StreamReader, for a caller that reads it chunk by chunk
         self._handle = handle
         self._deadline = deadline
         self.status = status
