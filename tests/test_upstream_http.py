@@ -393,3 +393,15 @@ def test_parse_origin() -> None:
     assert upstream_http.parse_origin("http://[::1]:9").host == "::1"
     with pytest.raises(ValueError, match="plain http"):
         upstream_http.parse_origin("https://node-a:443")
+
+
+async def test_session_client_speaks_the_same_request() -> None:
+    async with upstream(replying(OK)) as server:
+        async with aiohttp.ClientSession() as session:
+            client = upstream_http.SessionClient(session)
+            response = await client.request(
+                "POST", server.url, "/v1/x", headers=CIMultiDict(), body=b"{}", total_s=5, read_timeout_s=None
+            )
+            assert response.status == 200 and await response.read() == b'{"ok":true}'
+            response.close()
+        assert server.requests[0].startswith(b"POST /v1/x HTTP/1.1\r\n")

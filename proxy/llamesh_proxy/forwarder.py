@@ -61,6 +61,7 @@ _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _PREDICTED_N = re.compile(rb'"predicted_n"\s*:\s*(\d+)')
 _CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')  # llama-server's timings: prompt tokens its KV cache held
 _UPSTREAM_FAILURES = (aiohttp.ClientError, TimeoutError, ConnectionError)
+Upstream = upstream_http.Response | aiohttp.ClientResponse  # what either client answers with
 
 
 @dataclasses.dataclass
@@ -109,16 +110,17 @@ def upstream_headers(
 
 
 class Forwarder:
-    """Sends requests upstream on one shared pool of keep-alive connections (`upstream_http`)."""
+    """Sends requests upstream on one shared pool of keep-alive connections (`upstream_http.Pool`), or on an
+    aiohttp `ClientSession` (wrapped in `upstream_http.SessionClient`) where the hop needs its connector."""
 
     def __init__(
         self,
-        pool: upstream_http.Pool,
+        pool: upstream_http.Pool | aiohttp.ClientSession,
         *,
         credential_headers: tuple[str, ...],
         upstream_read_timeout_ms: int,
     ) -> None:
-        self._pool = pool
+        self._pool = upstream_http.SessionClient(pool) if isinstance(pool, aiohttp.ClientSession) else pool
         self._dropped = REQUEST_HEADERS_DROPPED | {name.lower() for name in credential_headers}
         self._sock_read = upstream_read_timeout_ms / 1000 if upstream_read_timeout_ms else None
         self._rerank_paths: dict[str, str] = {}  # base URL → the rerank spelling its llama-server registers
@@ -168,14 +170,14 @@ class Forwarder:
 
     async def _rerank_elsewhere(
         self,
-        not_found: upstream_http.Response,
+        not_found: Upstream,
         base_url: str,
         tried: str,
         query: str,
         body: bytes,
         headers: CIMultiDict[str],
         total_s: float | None,
-    ) -> upstream_http.Response:
+    ) -> Upstream:
         """A 404 on a rerank path: this llama-server build registers other spellings. Try them in turn and
         remember, per instance, the first one it answers; the last 404 is relayed if none works."""
         upstream = not_found
@@ -197,7 +199,7 @@ class Forwarder:
                 break
         return upstream
 
-    async def _relay_whole(self, upstream: upstream_http.Response, *, request_id: str, relay: Relay) -> web.Response:
+    async def _relay_whole(self, upstream: Upstream, *, request_id: str, relay: Relay) -> web.Response:
         try:
             payload = await upstream.read()
         except _UPSTREAM_FAILURES as exc:
@@ -211,7 +213,7 @@ class Forwarder:
         return response
 
     async def _relay_stream(
-        self, request: web.Request, upstream: upstream_http.Response, *, request_id: str, relay: Relay
+        self, request: web.Request, upstream: Upstream, *, request_id: str, relay: Relay
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, headers=self._client_headers(upstream))
         response.headers.update(STREAM_HEADERS)
@@ -251,7 +253,7 @@ class Forwarder:
         return response
 
     @staticmethod
-    def _client_headers(upstream: upstream_http.Response) -> CIMultiDict[str]:
+    def _client_headers(upstream: Upstream) -> CIMultiDict[str]:
         headers = CIMultiDict(upstream.headers)  # pruned as in `upstream_headers`, for the same reason
         for name in RESPONSE_HEADERS_DROPPED:
             headers.popall(name, None)

@@ -281,6 +281,33 @@ class Pool:
         self._idle.clear()
 
 
+class SessionClient:
+    """`Pool.request`'s signature over an `aiohttp.ClientSession`, for a hop whose connector does more than
+    TCP (the mesh's Noise connector): the answer is aiohttp's `ClientResponse`, which has the same `status`,
+    `headers`, `content`, `read`, `release` and `close`."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+
+    async def request(
+        self,
+        method: str,
+        base_url: str,
+        target: str,
+        *,
+        headers: CIMultiDict[str],
+        body: bytes,
+        total_s: float | None,
+        read_timeout_s: float | None,
+    ) -> aiohttp.ClientResponse:
+        timeout = self._timeouts.get((total_s, read_timeout_s))
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=CONNECT_TIMEOUT_S, sock_read=read_timeout_s)
+            self._timeouts[(total_s, read_timeout_s)] = timeout
+        return await self._session.request(method, base_url + target, data=body, headers=headers, timeout=timeout)
+
+
 def _reusable(protocol: client_proto.ResponseHandler) -> bool:
     """Open, and nothing arrived on it while it was idle (an answer to nothing means a confused server)."""
     return protocol.is_connected() and not protocol.should_close
