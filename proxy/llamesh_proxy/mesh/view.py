@@ -139,7 +139,7 @@ class ClusterView:
                 continue
             entry = next((m for m in document.models if m.id == model_id), None)
             if entry is not None:
-                found.append(candidate(document, entry))
+                found.append(candidate(document.node_id, entry, current_requests=document.current_requests))
         return found
 
     def peer_models(self, *, local_ids: Iterable[str], now: float, started_at: int) -> list[dict[str, Any]]:
@@ -172,11 +172,11 @@ class ClusterView:
         return nodes
 
 
-def candidate(document: Document, entry: ModelEntry) -> scoring.Candidate:
+def candidate(node_id: str, entry: ModelEntry, *, current_requests: int) -> scoring.Candidate:
     return scoring.Candidate(
-        node_id=document.node_id,
+        node_id=node_id,
         queue_length=entry.queue_length,
-        current_requests=document.current_requests,
+        current_requests=current_requests,
         loaded=entry.loaded,
         fits=entry.fits,
         evictions=entry.evictions,
