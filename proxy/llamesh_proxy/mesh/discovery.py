@@ -19,7 +19,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from urllib import parse
 
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf import asyncio as zeroconf_asyncio
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,8 @@ async def advertised(
     """Advertise this node and browse for others while the block runs; `found(url)` for each other node."""
     kind = service_type(service_name)
     port = parse.urlsplit(url).port or 80
-    zc = zeroconf_asyncio.AsyncZeroconf(
-        interfaces=interfaces if interfaces is not None else "all", ip_version=IPVersion.V4Only
-    )
+    chosen: list[str] | InterfaceChoice = interfaces if interfaces is not None else InterfaceChoice.All
+    zc = zeroconf_asyncio.AsyncZeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
     info = zeroconf_asyncio.AsyncServiceInfo(
         kind,
         f"{node_id}.{kind}",
