@@ -25,7 +25,7 @@ import yaml
 from aiohttp import web
 
 import gateway_support as gs
-from llamesh_api import config, store
+from llamesh_api import store
 from llamesh_operator import serve
 from llamesh_proxy import app as gateway_app
 from llamesh_proxy import cluster, connections, gateway
@@ -215,11 +215,11 @@ async def wait_for_peers(node: Node, *peer_ids: str) -> None:
 
 @dataclasses.dataclass
 class MeshNode:
-    """One `llamesh serve` child with its own folder (config.yaml, cookbook.yaml, Noise secrets)."""
+    """One `llamesh serve` child with its own folder (config.yaml, cookbook.yaml, Noise secrets, caches)."""
 
     node_id: str
     folder: Path
-    port: int
+    port: int = dataclasses.field(default_factory=processes.free_port)
     child: processes.Child | None = None
 
     @property
@@ -233,55 +233,71 @@ class MeshNode:
         models: dict[str, Path],
         peers: list[str],
         token: str,
-        extra: dict[str, Any] | None = None,
+        breaker: dict[str, int] | None = None,
     ) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        secrets = self.folder / "secrets"
+        secrets.mkdir(mode=0o700, exist_ok=True)
+        token_file = secrets / "cluster_token"  # the shared token, copied to every node as an operator would
+        token_file.write_text(token)
+        token_file.chmod(0o600)
         node: dict[str, Any] = {
             "node_id": self.node_id,
             "listen_addr": f"127.0.0.1:{self.port}",
-            "default_model": None,
-            "llama_cpp": {"binary_path": str(binary), "enabled": False, "auto_update_interval_seconds": 0},
-            "model_defaults": {"max_concurrent_requests_per_instance": 2, "max_queue_size_per_model": 8},
+            "metrics_path": str(self.folder / "node-metrics.json"),
+            "shutdown_grace_period_seconds": 5,
+            "model_defaults": {"max_concurrent_requests_per_instance": 1, "max_instances_per_model": 1},
+            "llama_cpp": {"enabled": False, "binary_path": str(binary), "cache_dir": str(self.folder / "cache")},
             "cluster": {
                 "enabled": True,
                 "peers": peers,
                 "gossip_interval_seconds": 1,
                 "discovery": {"mdns": False},
-                "noise": {"enabled": True, "config_dir": str(self.folder / "secrets")},
-                "circuit_breaker": FAST_BREAKER,
+                "noise": {"enabled": True, "config_dir": str(secrets)},
+                "circuit_breaker": breaker or FAST_BREAKER,
             },
-        } | (extra or {})
+        }
         (self.folder / "config.yaml").write_text(yaml.safe_dump(node))
         cookbook = {
             "models": [
                 {
                     "name": name,
-                    "profiles": [{"id": "default", "model_path": str(path), "llama_server_args": "-c 512 -np 2"}],
+                    "profiles": [{"id": "default", "model_path": str(path), "llama_server_args": "-c 8192 -np 1"}],
                 }
                 for name, path in models.items()
             ]
         }
         (self.folder / "cookbook.yaml").write_text(yaml.safe_dump(cookbook))
-        secrets = self.folder / "secrets"
-        secrets.mkdir(mode=0o700, exist_ok=True)
-        token_file = secrets / "cluster_token"
-        token_file.write_text(token)
-        token_file.chmod(0o600)
 
-    def start(self) -> processes.Child:
-        argv = [
-            sys.executable,
-            "-m",
-            "llamesh_operator.cli",
-            "serve",
-            "--config",
-            str(self.folder / "config.yaml"),
-            "--cookbook",
-            str(self.folder / "cookbook.yaml"),
-        ]
-        self.child = processes.start(argv, log_path=self.folder / f"serve-{self.node_id}.log")
+    async def start(self) -> processes.Child:
+        llamesh = str(Path(sys.executable).parent / "llamesh")
+        argv = [llamesh, "serve", "--config", str(self.folder / "config.yaml")]
+        argv += ["--cookbook", str(self.folder / "cookbook.yaml")]
+        self.child = processes.start(argv, log_path=self.folder / "serve.log")
+        await processes.wait_healthy(self.child, self.url, deadline_s=90)
         return self.child
 
+    async def stop(self) -> None:
+        if self.child is not None:
+            await processes.stop(self.child, grace_s=10)
 
-def settings_for(folder: Path) -> config.NodeConfig:
-    return config.NodeConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+    def llama_servers(self) -> list[processes.Seen]:
+        assert self.child is not None
+        return processes.descendants(self.child.pid, matching="llama-server")
+
+    async def get(self, path: str) -> Any:
+        async with aiohttp.ClientSession() as session, session.get(self.url + path) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+
+@contextlib.asynccontextmanager
+async def cluster_of(nodes: list[MeshNode]) -> AsyncIterator[list[MeshNode]]:
+    """Start every node (each waits for /health); stop them all on the way out, whatever happens."""
+    try:
+        for node in nodes:
+            await node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
