@@ -234,7 +234,9 @@ class MeshNode:
         peers: list[str],
         token: str,
         breaker: dict[str, int] | None = None,
+        args: dict[str, str] | None = None,
     ) -> None:
+        """`args`: a model's llama_server_args when not the default `-c 8192 -np 1`."""
         self.folder.mkdir(parents=True, exist_ok=True)
         secrets = self.folder / "secrets"
         secrets.mkdir(mode=0o700, exist_ok=True)
@@ -262,7 +264,13 @@ class MeshNode:
             "models": [
                 {
                     "name": name,
-                    "profiles": [{"id": "default", "model_path": str(path), "llama_server_args": "-c 8192 -np 1"}],
+                    "profiles": [
+                        {
+                            "id": "default",
+                            "model_path": str(path),
+                            "llama_server_args": (args or {}).get(name, "-c 8192 -np 1"),
+                        }
+                    ],
                 }
                 for name, path in models.items()
             ]
