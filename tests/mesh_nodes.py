@@ -67,9 +67,13 @@ async def gateway_node(
     peers: list[str],
     layers: connections.Layers | None = None,
     models: tuple[str, ...] = (),
+    agent_folder: Path | None = None,
+    faults: dict[str, dict[str, str]] | None = None,
     **fields: Any,
 ) -> AsyncIterator[Node]:
-    """Node "a": the gateway with the mesh (mDNS off, gossip every second), serving `models` locally."""
+    """Node "a": the gateway with the mesh (mDNS off, gossip every second), serving `models` locally. With
+    `agent_folder`, the real agent and operator run its instances (the fake llama-server, with `faults` by
+    profile id: `gateway_support.running_node`); otherwise nobody starts them."""
     layers = layers or connections.Layers()
     port = processes.free_port()
     cluster_fields = {
@@ -84,15 +88,19 @@ async def gateway_node(
     memory = store.MemoryStore()
     for name in models:
         await memory.create(gs.model(name))
-    await gs.register_node(memory)
-    app = gateway_app.create_app(settings, store=memory, gateway_id=gs.GATEWAY_ID, node_name=gs.NODE)
-    cluster.install(app, serve.mesh(app, settings, layers=layers))
-    runner = gateway_app.make_runner(app, layers=layers)
-    await serve.listen(runner, settings)
-    try:
-        yield Node(app, port)
-    finally:
-        await runner.cleanup()
+    async with contextlib.AsyncExitStack() as stack:
+        if agent_folder is not None:
+            await stack.enter_async_context(gs.running_node(memory, agent_folder, settings=settings, env=faults))
+        else:
+            await gs.register_node(memory)
+        app = gateway_app.create_app(settings, store=memory, gateway_id=gs.GATEWAY_ID, node_name=gs.NODE)
+        cluster.install(app, serve.mesh(app, settings, layers=layers))
+        runner = gateway_app.make_runner(app, layers=layers)
+        await serve.listen(runner, settings)
+        try:
+            yield Node(app, port)
+        finally:
+            await runner.cleanup()
 
 
 class FakePeer:
@@ -110,6 +118,7 @@ class FakePeer:
         self.hops: list[str | None] = []
         self.gossip_from: list[str] = []
         self.known_peers: list[str] = []
+        self.loaded = True  # what its gossip says of its models; not loaded and not fitting: the worst score
         self.first_chunk_sent = asyncio.Event()
         self._transports: set[asyncio.BaseTransport] = set()
         self._runner: web.AppRunner | None = None
@@ -120,7 +129,10 @@ class FakePeer:
         return f"http://127.0.0.1:{self.port}"
 
     def document(self) -> view.Document:
-        entries = [view.ModelEntry(id=m, model=m, profile_id="default", loaded=True) for m in self.models]
+        entries = [
+            view.ModelEntry(id=m, model=m, profile_id="default", loaded=self.loaded, fits=self.loaded)
+            for m in self.models
+        ]
         return view.Document(
             node_id=self.node_id,
             url=self.url,

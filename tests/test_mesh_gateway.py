@@ -8,7 +8,8 @@ event, opens its breaker (proxy_circuit_breaker_state 1) and the next request go
 then its return closes the breaker after the gossip probes; a peer's 503 is retried on another; a
 client that leaves before the headers and mid-body, and a peer that stalls (cut by
 upstream_read_timeout_ms) all end with nothing in flight on either side; /cluster/gossip over plain
-HTTP is refused (403) when Noise is on, and /cluster/* needs a key when auth is on.
+HTTP is refused (403) when Noise is on, and /cluster/* needs a key when auth is on; a local spawn that fails
+(the fake llama-server exits on start) falls back to a peer.
 """
 
 from __future__ import annotations
@@ -181,6 +182,21 @@ async def test_a_stalled_peer_is_cut_by_upstream_read_timeout() -> None:
             text = await read_broken(response)
         assert "b0 " in text and '"upstream_error"' in text and "timed out" in text
         await in_flight_zero(a, b)
+
+
+async def test_a_failed_local_spawn_falls_back_to_a_peer(tmp_path: Path) -> None:
+    async with mn.FakePeer("b", "m") as b:
+        b.loaded = False  # b says it cannot fit m: a's own (cold) instance scores better
+        faults = {"default": {"FAKE_LLAMA_FAULT": "exit_on_start"}}
+        async with (
+            mn.gateway_node(peers=[b.url], models=("m",), agent_folder=tmp_path, faults=faults) as a,
+            aiohttp.ClientSession() as client,
+        ):
+            await mn.wait_for_peers(a, "b")
+            text = await mn.stream_text(client, a.url)
+            assert "b0 " in text and b.served == 1
+            assert a.gw.catalog.instances()[0].status.phase.value == "Failed"  # it was tried here first
+            await in_flight_zero(a, b)
 
 
 async def test_plain_gossip_refused_with_noise_and_cluster_routes_need_a_key(tmp_path: Path) -> None:
