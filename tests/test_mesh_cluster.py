@@ -7,7 +7,8 @@ everyone finds everyone through gossip (transitive discovery).
 Covers (one cluster, in order, since three nodes take a while to start on a small machine): each node's
 /cluster/nodes lists the other two; /v1/models is the same union on every node, peer entries with
 source/advertised_by/cluster_url; `tiny-c`, served only by c, streams through a with the OpenAI SDK and
-runs on c (a llama-server under c, none under a); with `shared` loaded on b, a stream through a goes to
+runs on c (a llama-server under c, none under a); a client that leaves such a stream through a leaves
+nothing in flight on a or c; with `shared` loaded on b, a stream through a goes to
 b, and killing b (SIGKILL, its llama-server too) mid-stream ends that response with an error the SDK
 raises, opens b's breaker on a, and the next request goes to c; b started again is probed back (its
 breaker on a closes); nothing is left in flight on any node.
@@ -15,6 +16,7 @@ breaker on a closes); nothing is left in flight on any node.
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -94,6 +96,24 @@ async def test_three_nodes_route_stream_and_survive_a_killed_peer(
         assert "".join(pieces)
         assert a.llama_servers() == [] and len(c.llama_servers()) == 1
 
+        # a client that leaves mid-stream frees the request on a and on c
+        body = {
+            "model": "tiny-c",
+            "stream": True,
+            "max_tokens": 4000,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "go on"}],
+        }
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(a.url + "/v1/chat/completions", json=body)
+            assert response.status == 200
+            await response.content.readany()
+            response.close()
+        for node in (a, c):
+            await waiting.eventually(lambda node=node: _idle(node), within_s=20, what=f"{node.node_id} idle")
+        # c saw its client (a) leave: a closed the connection at once, not at the end of the generation
+        await waiting.eventually(lambda: _left_early(c, "tiny-c"), within_s=10, what="c's request ended by a leaving")
+
         # `shared` loaded on b (asked there: a tie between b and c stays local), so a routes it to b
         client_b = sdk(b)
         await client_b.chat.completions.create(
@@ -136,11 +156,21 @@ async def test_three_nodes_route_stream_and_survive_a_killed_peer(
         await client_b.close()
 
         for node in (a, b, c):
+            await waiting.eventually(lambda node=node: _idle(node), within_s=20, what=f"{node.node_id} idle")
 
-            async def idle(node: mn.MeshNode = node) -> bool:
-                return bool((await node.get("/metrics/json"))["current_requests"] == 0)
 
-            await waiting.eventually(idle, within_s=20, what=f"nothing in flight on {node.node_id}")
+def _left_early(node: mn.MeshNode, model: str) -> bool:
+    assert node.child is not None
+    for line in node.child.log_text().splitlines():
+        if '"request_complete"' in line:
+            record = json.loads(line)
+            if record.get("model") == model and record.get("client_disconnected") and record["tokens"] < 4000:
+                return True
+    return False
+
+
+async def _idle(node: mn.MeshNode) -> bool:
+    return bool((await node.get("/metrics/json"))["current_requests"] == 0)
 
 
 async def _loaded_on(node: mn.MeshNode, peer: str, model: str) -> bool:
