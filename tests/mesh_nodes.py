@@ -69,9 +69,10 @@ async def gateway_node(
     models: tuple[str, ...] = (),
     agent_folder: Path | None = None,
     faults: dict[str, dict[str, str]] | None = None,
+    node_id: str = "a",
     **fields: Any,
 ) -> AsyncIterator[Node]:
-    """Node "a": the gateway with the mesh (mDNS off, gossip every second), serving `models` locally. With
+    """Node `node_id`: the gateway with the mesh (mDNS off, gossip every second), serving `models` locally. With
     `agent_folder`, the real agent and operator run its instances (the fake llama-server, with `faults` by
     profile id: `gateway_support.running_node`); otherwise nobody starts them."""
     layers = layers or connections.Layers()
@@ -84,7 +85,7 @@ async def gateway_node(
         "circuit_breaker": FAST_BREAKER,
         "noise": {"enabled": layers.noise is not None},
     } | fields.pop("cluster", {})
-    settings = gs.node_config(node_id="a", listen_addr=f"127.0.0.1:{port}", cluster=cluster_fields, **fields)
+    settings = gs.node_config(node_id=node_id, listen_addr=f"127.0.0.1:{port}", cluster=cluster_fields, **fields)
     memory = store.MemoryStore()
     for name in models:
         await memory.create(gs.model(name))

@@ -8,8 +8,9 @@ event, opens its breaker (proxy_circuit_breaker_state 1) and the next request go
 then its return closes the breaker after the gossip probes; a peer's 503 is retried on another; a
 client that leaves before the headers and mid-body, and a peer that stalls (cut by
 upstream_read_timeout_ms) all end with nothing in flight on either side; /cluster/gossip over plain
-HTTP is refused (403) when Noise is on, and /cluster/* needs a key when auth is on; a local spawn that fails
-(the fake llama-server exits on start) falls back to a peer.
+HTTP is refused (403) when Noise is on, and /cluster/* needs a key when auth is on; Noise gossip between
+in-process nodes takes a node with the token and a pinned key, and refuses one without the token or
+with an unpinned key; a local spawn that fails (the fake llama-server exits on start) falls back to a peer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import aiohttp
 import mesh_nodes as mn
 import noise_support as ms
 from llamesh_proxy import connections
-from llamesh_proxy.mesh import breaker
+from llamesh_proxy.mesh import breaker, keys
 from rig import waiting
 
 
@@ -214,3 +215,30 @@ async def test_plain_gossip_refused_with_noise_and_cluster_routes_need_a_key(tmp
             assert response.status == 401
         async with client.get(f"{a.url}/cluster/nodes", headers={"x-api-key": "k1"}) as response:
             assert response.status == 200
+
+
+async def test_noise_gossip_takes_cluster_members_only(tmp_path: Path) -> None:
+    b_identity = ms.security(tmp_path, "b")
+    stranger = ms.security(tmp_path, "x", token="not-the-cluster-token")
+    unpinned = ms.security(tmp_path, "y")  # the right token, a key a does not list
+    a_identity = ms.security(tmp_path, "a", allowed_keys=[b_identity.public_key], tofu=False)
+
+    def noise(identity: keys.MeshSecurity) -> connections.Layers:
+        return connections.Layers(noise=identity)
+
+    async with (
+        mn.gateway_node(node_id="a", peers=[], layers=noise(a_identity)) as a,
+        mn.gateway_node(node_id="b", peers=[a.url], layers=noise(b_identity), models=("m",)) as b,
+        mn.gateway_node(node_id="x", peers=[a.url], layers=noise(stranger), models=("evil",)) as x,
+        mn.gateway_node(node_id="y", peers=[a.url], layers=noise(unpinned), models=("other",)) as y,
+    ):
+        await mn.wait_for_peers(a, "b")
+        await mn.wait_for_peers(b, "a")
+        for outsider in (x, y):
+            gossiper = outsider.mesh.gossiper
+            assert gossiper is not None
+            await waiting.eventually(lambda g=gossiper: g.rounds >= 3, what="a few gossip rounds")
+            assert outsider.mesh.view.peers == {}
+        assert sorted(a.mesh.view.peers) == ["b"]
+        async with aiohttp.ClientSession() as client, client.get(f"{a.url}/v1/models") as response:
+            assert [m["id"] for m in (await response.json())["data"]] == ["m"]
