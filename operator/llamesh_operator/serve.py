@@ -2,9 +2,11 @@
 
 Start order: load the cookbook into the store (a broken cookbook stops the start with its messages), make
 sure llama-server exists (build it if needed, with progress), start the agent and the operator loop, then
-open the gateway's port. Shutdown follows the seed: the first SIGTERM/SIGINT drains (readyz 503, new and
-queued requests 503 draining, in-flight ones finish) for up to `shutdown_grace_period_seconds`; a second
-signal or the end of the grace period exits; every llama-server child is stopped on the way out.
+open the gateway's port. With `cluster.enabled`, the gateway also joins the mesh (`llamesh_proxy.cluster`:
+gossip, mDNS, forwarding to peers over Noise on the same port). Shutdown follows the seed: the first
+SIGTERM/SIGINT drains (readyz 503, new and queued requests 503 draining, in-flight ones finish) for up to
+`shutdown_grace_period_seconds`; a second signal or the end of the grace period exits; every llama-server
+child is stopped on the way out.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ class Gossiper:
         self._limit = asyncio.Semaphore(max_concurrent)
         self._clock = clock
         self.node_by_url: dict[str, str] = {}
+        self._warned: dict[str, str] = {}  # node id -> the mismatched version already warned about
         self.rounds = 0
         self._round_done = asyncio.Event()
         self._wake = asyncio.Event()
@@ -116,6 +117,15 @@ class Gossiper:
                 extra={"event": "mesh_version_refused", "peer": answer.node_id},
             )
             return
+        if verdict is view.Verdict.WARN and self._warned.get(answer.node_id) != answer.version:
+            self._warned[answer.node_id] = answer.version  # once per peer and version, not every round
+            log.warning(
+                "peer %s runs version %s, this node %s (version_mismatch_action: warn)",
+                answer.node_id,
+                answer.version,
+                self._view.version,
+                extra={"event": "mesh_version_mismatch", "peer": answer.node_id},
+            )
         self._breakers.of(answer.node_id).succeeded(now)
         if answer.url.rstrip("/") != url:
             self.add_peer(answer.url)
