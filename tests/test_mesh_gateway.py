@@ -145,6 +145,23 @@ async def test_a_peers_503_is_retried_on_another_peer() -> None:
         await in_flight_zero(a, b, c)
 
 
+async def test_a_peers_503_falls_back_to_this_node_when_it_serves_the_model() -> None:
+    async with (
+        mn.FakePeer("b", "m") as b,
+        mn.gateway_node(peers=[b.url], models=("m",)) as a,
+        aiohttp.ClientSession() as client,
+    ):
+        await mn.wait_for_peers(a, "b")
+        b.mode = "unavailable"  # b (loaded) wins the score, answers 503: a serves it itself
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        request = asyncio.create_task(client.post(f"{a.url}/v1/chat/completions", json=body))
+        await waiting.eventually(lambda: b.served == 1, what="b asked first")
+        await waiting.eventually(lambda: a.gw.catalog.instances() or request.done(), what="a local instance asked for")
+        assert not request.done() and len(a.gw.catalog.instances()) == 1  # nobody runs it here: it waits
+        request.cancel()
+        await in_flight_zero(a, b)
+
+
 async def test_client_leaving_before_headers_and_mid_body_frees_both_nodes() -> None:
     async with (
         mn.FakePeer("b", "m", chunks=10_000, chunk_delay_s=0.02) as b,
