@@ -185,12 +185,12 @@ class Mesh:
                 )
             except scoring.HopLimitExceeded:
                 raise errors.InvalidRequest("Too many hops (loop detected)") from None
-            if decision is not None and decision.node_id is None:
-                return None  # this node serves it (after a peer's 503 too)
             if decision is None:  # neither this node nor any peer left
                 if target is None and last_unavailable is None and self._advertised(model_id):
                     raise errors.NoCapacity(f"No peer can take a request for '{requested}' now")
                 return last_unavailable
+            if decision.node_id is None:
+                return None  # this node serves it (after a peer's 503 too)
             if hops + 1 > self.gw.config.max_hops:
                 raise errors.InvalidRequest("Too many hops (loop detected)")
             node_id = decision.node_id
