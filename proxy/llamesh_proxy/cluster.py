@@ -171,7 +171,7 @@ class Mesh:
         hops: int,
     ) -> web.StreamResponse | None:
         model_id = target.display if target is not None else requested
-        local = self._local(target)
+        local: scoring.Candidate | None = None
         refused: set[str] = set()
         last_unavailable: web.StreamResponse | None = None
         while True:
@@ -179,6 +179,10 @@ class Mesh:
             peer_candidates = [
                 c for c in self.view.candidates(model_id, now=now, breakers=self.breakers) if c.node_id not in refused
             ]
+            if target is not None and not peer_candidates:
+                return None  # no peer to weigh against: the local path, without scoring it
+            if local is None:
+                local = self._local(target)
             try:
                 decision = scoring.choose(
                     local, peer_candidates, hops=hops, max_hops=self.gw.config.max_hops, pending_forwards=self.pending
