@@ -72,6 +72,7 @@ async def test_gossip_union_listing_and_a_forwarded_stream() -> None:
             text = await mn.stream_text(client, a.url)
             assert "b0 " in text and "b4 " in text and text.rstrip().endswith("[DONE]")
             assert b.hops == ["1"]
+            assert "b0 " in await mn.stream_text(client, a.url, model="m:default")  # the same model
             await in_flight_zero(a, b, c)
 
 

@@ -240,3 +240,8 @@ def test_known_urls_are_transitive() -> None:
     v = cluster_view()
     v.apply(document("b", "m", known_peers=["http://c:8080", "http://a:8080"]), now=0.0)
     assert v.known_urls() == {"http://b:8080", "http://c:8080", "http://a:8080"}
+
+
+def test_model_id_of_a_request() -> None:
+    assert view.model_id("m:default") == "m"
+    assert view.model_id("m:fast") == "m:fast"

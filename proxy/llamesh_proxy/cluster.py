@@ -170,7 +170,7 @@ class Mesh:
         exchange: requestlog.Exchange,
         hops: int,
     ) -> web.StreamResponse | None:
-        model_id = target.display if target is not None else requested
+        model_id = target.display if target is not None else view.model_id(requested)
         local: scoring.Candidate | None = None
         refused: set[str] = set()
         last_unavailable: web.StreamResponse | None = None

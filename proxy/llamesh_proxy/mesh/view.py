@@ -75,6 +75,11 @@ class Document(pydantic.BaseModel):
     known_peers: list[str] = pydantic.Field(default_factory=list)
 
 
+def model_id(requested: str) -> str:
+    """The /v1/models id a request's `model` names: `name:default` is listed as `name`."""
+    return requested.removesuffix(":default")
+
+
 class Verdict(enum.Enum):
     ACCEPT = "accept"
     WARN = "warn"
