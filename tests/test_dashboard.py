@@ -10,7 +10,8 @@ rates following real requests through the gateway; a rebuild shown pending, then
 In headless Chromium (Debian's, driven by selenium) against `llamesh serve` with the real llama-server, on
 a phone-sized screen: the page loads with no console errors, shows an instance going Starting → Ready after
 a request, the queue rising under load, and the drain button draining the instance; with auth on, the page
-asks for a key, refuses a wrong one, and keeps the right one for the tab. README.md's screenshot
+asks for a key, refuses a wrong one, and keeps the right one for the tab; `/ui/` serves the same page, whose
+stylesheet and script load from there too. README.md's screenshot
 is taken there: DASHBOARD_SCREENSHOT=docs/dashboard.png (not LLAMESH_*: `llamesh serve` reads those).
 """
 
@@ -556,3 +557,10 @@ async def test_in_a_real_browser_the_page_asks_for_the_key_and_keeps_it_for_the_
         await page.wait_text("#connection", lambda t: t == "live", what="the page to load with the kept key")
         errors = await page.console_errors()
         assert errors and all("401" in entry["message"] for entry in errors), errors  # only the refused loads
+        # /ui/ is the same page: its stylesheet and script load from there too (a missing one is a console error)
+        await asyncio.to_thread(page.driver.get, h.base_url + "/ui/")
+        await page.wait_text("#connection", lambda t: t == "live", what="the page under /ui/ to run its script")
+        await page.wait_text('#models tr[data-profile="secret-model"]', bool, what="the models under /ui/")
+        # dashboard.css sets the body's margin to 0; a browser's own default is 8px
+        assert await page.run("return getComputedStyle(document.body).marginTop") == "0px"
+        assert await page.console_errors() == []

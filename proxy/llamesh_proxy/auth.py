@@ -19,7 +19,9 @@ from aiohttp import typedefs, web
 from llamesh_api import config
 from llamesh_proxy import errors
 
-OPEN_PATHS = frozenset({"/healthz", "/health", "/readyz", "/version", "/ui", "/ui/dashboard.css", "/ui/dashboard.js"})
+OPEN_PATHS = frozenset(
+    {"/healthz", "/health", "/readyz", "/version", "/ui", "/ui/", "/ui/dashboard.css", "/ui/dashboard.js"}
+)
 _BEARER = "bearer "
 
 
