@@ -386,8 +386,11 @@ def slow_starting_llama_server(folder: Path, real: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def llamesh_serve(tmp_path: Path, binary: Path, chat_model: Path) -> AsyncIterator[tuple[str, processes.Child]]:
-    """`llamesh serve` as a child process: one profile, one slot, one instance at most."""
+async def llamesh_serve(
+    tmp_path: Path, binary: Path, chat_model: Path, *, llama_cpp: dict[str, object] | None = None
+) -> AsyncIterator[tuple[str, processes.Child]]:
+    """`llamesh serve` as a child process: one profile, one slot, one instance at most; `binary` served as it
+    is, or the `llama_cpp` section given (test_dashboard_rebuild.py builds one)."""
     port = processes.free_port()
     settings = {
         "node_id": "dash",
@@ -395,7 +398,8 @@ async def llamesh_serve(tmp_path: Path, binary: Path, chat_model: Path) -> Async
         "metrics_path": str(tmp_path / "node-metrics.json"),
         "shutdown_grace_period_seconds": 5,
         "model_defaults": {"max_concurrent_requests_per_instance": 1, "max_instances_per_model": 1},
-        "llama_cpp": {"enabled": False, "binary_path": str(binary), "cache_dir": str(tmp_path / "cache")},
+        "llama_cpp": {"enabled": False, "binary_path": str(binary), "cache_dir": str(tmp_path / "cache")}
+        | (llama_cpp or {}),
     }
     cookbook_text = {
         "models": [
