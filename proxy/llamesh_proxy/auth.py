@@ -21,7 +21,9 @@ from llamesh_api import config
 from llamesh_proxy import errors
 from llamesh_proxy.mesh import transport
 
-OPEN_PATHS = frozenset({"/healthz", "/health", "/readyz", "/version", "/ui", "/ui/dashboard.css", "/ui/dashboard.js"})
+OPEN_PATHS = frozenset(
+    {"/healthz", "/health", "/readyz", "/version", "/ui", "/ui/", "/ui/dashboard.css", "/ui/dashboard.js"}
+)
 _BEARER = "bearer "
 
 
