@@ -13,7 +13,10 @@ both answer /health:
    and an answer of 8-40 tokens, so histories pass 1k tokens; starts are staggered over `--stagger` s (6)
    and each conversation thinks `--think` s (1-8) between turns. Time to first token (TTFT) of each turn,
    with `routing: affinity` and with `routing: least_loaded`, in `--rounds` rounds that alternate the order
-   of the modes; the median TTFT of turns >= 2 over all rounds is the figure.
+   of the modes; the median TTFT of turns >= 2 over all rounds is the figure. Each round also reports how
+   the gateway routed (`proxy_affinity_total` by result: did affinity hit) and, from llama-server's timings,
+   how many follow-ups found nothing cached and how many prompt tokens they read and reused. The two
+   instances get `--threads` cores each (half the host's by default), not every core both.
 2. **No shared prefixes**: 32 one-off completions of unique ~400-token prompts, 8 at a time, each mode;
    requests/s and generated tokens/s (affinity must cost nothing where there is nothing to reuse).
 3. **Eviction**: one instance with a 3 s idle timeout; a 3-turn conversation (~1.2k tokens), the instance
@@ -34,6 +37,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -223,7 +227,8 @@ async def conversations(
 ) -> dict[str, Any]:
     url = server.base_url + "/v1/chat/completions"
     ttft_by_turn: list[list[float]] = [[] for _ in range(turns)]
-    cached: list[int] = []
+    cached: list[int] = []  # llama-server's timings of each follow-up: prompt tokens taken from its cache
+    read: list[int] = []  # and prompt tokens it had to read
 
     async def talk(number: int, session: aiohttp.ClientSession) -> None:
         # People do not type in lockstep: staggered starts, answers of different lengths and a think time
@@ -241,6 +246,7 @@ async def conversations(
             ttft_by_turn[turn].append(answer.ttft_s)
             if turn:
                 cached.append(int(answer.timings.get("cache_n", 0)))
+                read.append(int(answer.timings.get("prompt_n", 0)))
             messages += [
                 {"role": "assistant", "content": answer.content},
                 {"role": "user", "content": f"Question {turn + 1}: " + text(number * 100 + turn, 80)},
@@ -249,15 +255,32 @@ async def conversations(
     started = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         await asyncio.gather(*(talk(n, session) for n in range(count)))
+    wall = time.monotonic() - started
     follow_ups = [t for turn in ttft_by_turn[1:] for t in turn]
     return {
         "follow_up_ttfts_s": [round(t, 3) for t in follow_ups],
-        "wall_s": round(time.monotonic() - started, 2),
+        "wall_s": round(wall, 2),
         "ttft_median_s_by_turn": [round(statistics.median(t), 3) for t in ttft_by_turn],
         "ttft_median_follow_ups_s": round(statistics.median(follow_ups), 3),
         "ttft_p90_follow_ups_s": round(statistics.quantiles(follow_ups, n=10)[-1], 3) if len(follow_ups) > 1 else None,
         "cached_tokens_median_follow_ups": statistics.median(cached) if cached else 0,
+        # did affinity hit, and did llama-server find the history: the gateway's counters and its timings
+        "follow_ups_cold": sum(1 for tokens in cached if tokens == 0),
+        "follow_ups_prompt_tokens_read": sum(read),
+        "follow_ups_prompt_tokens_cached": sum(cached),
+        "routing": await routing_counts(server),
     }
+
+
+async def routing_counts(server: Server) -> dict[str, int]:
+    """`proxy_affinity_total` by result and `proxy_affinity_cache_total` (hits whose cache llama-server found)."""
+    async with aiohttp.ClientSession() as session, session.get(server.base_url + "/metrics") as response:
+        exposition = await response.text()
+    counts: dict[str, int] = {}
+    for name, prefix in (("proxy_affinity_total", ""), ("proxy_affinity_cache_total", "cache_")):
+        for result, value in re.findall(rf'^{name}{{result="(\w+)"}} ([0-9.e+]+)$', exposition, flags=re.MULTILINE):
+            counts[prefix + result] = int(float(value))
+    return counts
 
 
 async def one_offs(server: Server, *, count: int = 32, concurrency: int = 8) -> dict[str, Any]:
@@ -325,13 +348,22 @@ async def main() -> None:
     parser.add_argument("--think", type=float, nargs=2, default=[1.0, 8.0], help="think time range between turns, s")
     parser.add_argument("--stagger", type=float, default=6.0, help="conversations start within this many seconds")
     parser.add_argument("--rounds", type=int, default=2, help="conversation rounds per mode, modes alternating")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="llama-server --threads of each of the two instances (default: half the cores each, so they do not "
+        "share cores: llama.cpp's threads spin at every barrier, and two instances each on every core slow "
+        "each other down whenever both compute)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path, help="keep configs and logs here (default: a temporary folder)")
     parser.add_argument("--skip", action="append", default=[], choices=["conversations", "one-offs", "eviction"])
     options = parser.parse_args()
     model = servers.gemma_model_file(options.model)
     binary = await servers.cached_llama_server()
-    results: dict[str, Any] = {"load_before": os.getloadavg()}
+    results: dict[str, Any] = {"load_before": os.getloadavg(), "threads_per_instance": options.threads}
+    shared = f"--threads {options.threads}"  # the two-instance servers
     with tempfile.TemporaryDirectory(prefix="llamesh-affinity-") as scratch:
         root = options.workdir or Path(scratch)
         # rounds alternate the modes (A B, then B A, ...): the host's load drifts, so each mode sees the same
@@ -339,7 +371,7 @@ async def main() -> None:
             modes = ("least_loaded", "affinity") if number % 2 == 0 else ("affinity", "least_loaded")
             for routing in modes:
                 folder = root / f"conv-{routing}-{number}"
-                async with serving(folder, binary, model, routing=routing, instances=2) as server:
+                async with serving(folder, binary, model, routing=routing, instances=2, extra_args=shared) as server:
                     found = await conversations(
                         server,
                         count=options.conversations,
@@ -351,7 +383,8 @@ async def main() -> None:
                     print(routing, "conversations", json.dumps(found), "load", os.getloadavg()[0], flush=True)
         for routing in ("least_loaded", "affinity"):
             if "one-offs" not in options.skip:
-                async with serving(root / f"one-{routing}", binary, model, routing=routing, instances=2) as server:
+                folder = root / f"one-{routing}"
+                async with serving(folder, binary, model, routing=routing, instances=2, extra_args=shared) as server:
                     results[f"one_offs_{routing}"] = found = await one_offs(server)
                     print(routing, "one-offs", json.dumps(found), flush=True)
         if "eviction" not in options.skip:
@@ -366,6 +399,10 @@ async def main() -> None:
         pooled = [t for found in rounds for t in found["follow_up_ttfts_s"]]
         if pooled:
             results[f"summary_{routing}_ttft_median_follow_ups_s"] = round(statistics.median(pooled), 3)
+            results[f"summary_{routing}_follow_ups_cold"] = sum(found["follow_ups_cold"] for found in rounds)
+            results[f"summary_{routing}_prompt_tokens_read"] = sum(
+                found["follow_ups_prompt_tokens_read"] for found in rounds
+            )
     results["load_after"] = os.getloadavg()
     print(json.dumps(results, indent=2))
     if options.json:

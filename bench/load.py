@@ -98,18 +98,8 @@ class OpenStreamsResult(TypedDict):
     held_s: float
 
 
-class GenerateResult(TypedDict):
-    mode: str
-    concurrency: int
-    streams: int
-    tokens: int
-    errors: int
-    first_error: str | None
-    seconds: float
-    tokens_per_s: float
+class GenerateResult(StreamResult):
     ttft_ms: list[float]
-    tokens_per_stream_min: int
-    tokens_per_stream_max: int
 
 
 class FirstTokenResult(TypedDict):
@@ -318,9 +308,16 @@ async def stream(
                 per_stream.append(tokens)
 
     seconds = await _warm_then_measure(worker, concurrency=concurrency, warmup_s=warmup_s, duration=duration, sync=sync)
+    return stream_totals("stream", concurrency=concurrency, per_stream=per_stream, errors=errors, seconds=seconds)
+
+
+def stream_totals(
+    mode: str, *, concurrency: int, per_stream: list[int], errors: Errors, seconds: float
+) -> StreamResult:
+    """What a run of streamed requests adds up to: `per_stream` holds each counted stream's tokens."""
     total = sum(per_stream)
     return {
-        "mode": "stream",
+        "mode": mode,
         "concurrency": concurrency,
         "streams": len(per_stream),
         "tokens": total,
@@ -453,20 +450,8 @@ async def generate(
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - started
-    total = sum(per_stream)
-    return {
-        "mode": "generate",
-        "concurrency": concurrency,
-        "streams": len(per_stream),
-        "tokens": total,
-        "errors": errors.count,
-        "first_error": errors.first,
-        "seconds": seconds,
-        "tokens_per_s": total / seconds,
-        "ttft_ms": ttft,
-        "tokens_per_stream_min": min(per_stream, default=0),
-        "tokens_per_stream_max": max(per_stream, default=0),
-    }
+    totals = stream_totals("generate", concurrency=concurrency, per_stream=per_stream, errors=errors, seconds=seconds)
+    return GenerateResult(**totals, ttft_ms=ttft)
 
 
 async def first_token(session: aiohttp.ClientSession, url: str, body: bytes) -> FirstTokenResult:
@@ -509,8 +494,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=limit, force_close=args.mode == "generate")
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
         result: Any
-        if args.mode == "throughput":
-            result = await throughput(
+        if args.mode in ("throughput", "stream"):  # the timed modes: a warm-up, then `duration` measured
+            timed = throughput if args.mode == "throughput" else stream
+            result = await timed(
                 session,
                 url,
                 body,
@@ -521,16 +507,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         elif args.mode == "latency":
             result = await latency(session, url, body, requests=args.requests, warmup=args.warmup)
-        elif args.mode == "stream":
-            result = await stream(
-                session,
-                url,
-                body,
-                concurrency=args.concurrency,
-                duration=args.duration,
-                warmup_s=args.warmup_s,
-                sync=args.sync,
-            )
         elif args.mode == "open-streams":
             result = await open_streams(
                 session, url, body, streams=args.streams, hold=args.hold, open_timeout=args.open_timeout

@@ -202,8 +202,9 @@ async def running_agent(
     timings: node_agent.Timings = FAST,
     nvml: sampling.Nvml | None = None,
     node_config: config.NodeConfig | None = None,
+    resource_store: store.MemoryStore | None = None,
 ) -> AsyncIterator[Harness]:
-    resource_store = store.MemoryStore()
+    resource_store = resource_store or store.MemoryStore()
     binary = FakeBinary(binary_path or fake_binary(tmp_path))
     settings = node_config or config.NodeConfig(node_id=NODE, max_sysmem_mb=4096, max_instances_per_node=7)
     agent = node_agent.NodeAgent(
@@ -473,6 +474,35 @@ async def test_missing_profile_fails(harness: Harness) -> None:
     await harness.schedule("orphan", profile="nope")
     failed = await harness.wait_phase("orphan", Phase.FAILED)
     assert "no profile 'nope'" in failed.status.message
+
+
+class ModelsListedLate(store.MemoryStore):
+    """A store whose first list of LlamaModel waits for `release`: the agent's instance watch comes first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.models_asked = asyncio.Event()
+
+    async def list(self, kind: type[store.R]) -> store.Listing[store.R]:
+        if kind is resources.LlamaModel:
+            self.models_asked.set()
+            await self.release.wait()
+        return await super().list(kind)
+
+
+async def test_an_instance_listed_before_its_model_is_started_once_the_model_is(tmp_path: Path) -> None:
+    # `llamesh serve` at start-up: the gateway created an instance of a cookbook model before the agent's
+    # model watch listed; the instance must wait for the list, not fail for a profile it "does not have"
+    late = ModelsListedLate()
+    async with running_agent(tmp_path, resource_store=late) as harness:
+        await harness.add_model()
+        await harness.schedule("early")
+        await eventually(late.models_asked.is_set, what="the agent to list the models")
+        await eventually(lambda: harness.agent.reconcile_passes >= 3, what="reconcile passes before the list")
+        assert (await harness.instance("early")).status.phase is Phase.PENDING  # not Failed
+        late.release.set()
+        await harness.wait_phase("early", Phase.READY)
 
 
 async def test_arguments_that_make_no_command_line_fail(harness: Harness) -> None:

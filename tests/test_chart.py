@@ -22,7 +22,8 @@ Covers:
 - pods: non-root, read-only root filesystem, no capabilities, no privilege escalation, seccomp RuntimeDefault,
   requests and limits, no service-link variables; the downward-API variables each role reads; gateway probes
   on /version and /readyz at its port, the operator's and agent's on /healthz and /readyz at 8081; GPUs,
-  runtimeClassName and cache volumes from values;
+  runtimeClassName and cache volumes from values; the KV cache folder (`config.kv_cache.directory`) is a
+  hostPath or emptyDir volume of the agent's pod, mounted only while `config.kv_cache.enabled`;
 - every rendered object, CRDs included, passes `kubectl apply --dry-run=server` on the real API server
   (defaults and all features; a stand-in ServiceMonitor CRD for the Prometheus operator's);
 - RBAC is sufficient and minimal: with the chart's ServiceAccounts and RBAC applied, SubjectAccessReviews for
@@ -66,6 +67,7 @@ KUBE_VERSION = "v1.36.2"  # the rig's kube-apiserver
 RELEASE = "demo"
 LLAMESH = str(Path(sys.executable).parent / "llamesh")
 COMMAND_TIMEOUT_S = 120.0
+KV_CACHE_DIR = "/var/cache/llamesh/kv-cache"  # config.yaml's kv_cache.directory: the agent's kv-cache mount
 
 Objects = list[dict[str, Any]]
 
@@ -308,6 +310,8 @@ def test_the_rendered_config_and_secrets_load_in_llamesh(rendered: dict[str, Obj
     assert loaded.default_model == "tiny-chat" and loaded.llama_cpp.build_args == ["-DGGML_CUDA=ON"]
     assert loaded.llama_cpp.cache_dir == "/var/cache/llamesh/llama.cpp"
     assert loaded.llama_cpp.enabled and loaded.llama_cpp.binary_path == "/var/cache/llamesh/llama.cpp/bin/llama-server"
+    assert loaded.kv_cache.enabled and loaded.kv_cache.max_disk_mb == 3000
+    assert loaded.kv_cache.directory == KV_CACHE_DIR  # the agent's kv-cache volume (test_pods_...)
     # metrics_path comes from the agent's environment: one file per node on the cache volume, even a shared one
     agent_env = _env(workloads(objects)["agent"]["containers"][0])
     assert agent_env["LLAMESH_METRICS_PATH"] == f"{loaded.llama_cpp.cache_dir}/state/$(NODE_NAME)/node-metrics.json"
@@ -335,6 +339,7 @@ def test_the_rendered_config_and_secrets_load_in_llamesh(rendered: dict[str, Obj
     defaults = loading.load_node_config(tmp_path / "defaults.yaml", environ={})
     assert defaults.auth.enabled is False and defaults.default_model is None
     assert not defaults.llama_cpp.enabled and defaults.llama_cpp.binary_path == "/opt/llamesh/bin/llama-server"
+    assert not defaults.kv_cache.enabled
 
 
 def test_rbac_and_service_accounts_can_be_left_to_the_user(helms: dict[str, Helm]) -> None:
@@ -446,6 +451,7 @@ def test_pods_are_hardened_and_get_what_each_role_reads(rendered: dict[str, Obje
         assert "nvidia.com/gpu" not in limits and "runtimeClassName" not in agent
         (init,) = agent["initContainers"]
         assert init["command"][2:] == ["/var/cache/llamesh/llama.cpp", "/models"]
+        assert "kv-cache" not in volumes and "kv-cache" not in dict(mounts)  # config.kv_cache is off
     else:
         assert volumes["llama-cpp-cache"]["hostPath"]["path"] == "/mnt/llamesh/llama.cpp"
         assert volumes["model-cache"]["persistentVolumeClaim"] == {"claimName": "shared-models"}
@@ -453,7 +459,42 @@ def test_pods_are_hardened_and_get_what_each_role_reads(rendered: dict[str, Obje
         assert agent["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
         assert agent["tolerations"][0]["key"] == "nvidia.com/gpu"
         (init,) = agent["initContainers"]
-        assert init["command"] == ["chown", "10001:10001", "/var/cache/llamesh/llama.cpp"]  # the PVC is not touched
+        # neither the PVC nor the emptyDir is touched
+        assert init["command"] == ["chown", "10001:10001", "/var/cache/llamesh/llama.cpp"]
+        assert volumes["kv-cache"] == {"name": "kv-cache", "emptyDir": {"sizeLimit": "4Gi"}}
+        assert ("kv-cache", KV_CACHE_DIR) in mounts
+
+
+def test_the_kv_cache_folder_is_a_volume_of_the_agent_hostpath_or_emptydir(helms: dict[str, Helm]) -> None:
+    """config.kv_cache.directory is where the agent's pod mounts agent.cache.kvCache, so caches saved by
+    llama-server instances in that pod outlive them (and, on a hostPath, the pod)."""
+    objects = helms["helm4"].template(namespace="llamesh", sets=("config.kv_cache.enabled=true",))
+    assert yaml.safe_load(config_yaml(objects))["kv_cache"] == {
+        "enabled": True, "directory": KV_CACHE_DIR, "max_disk_mb": 2048, "min_cached_tokens": 256}  # fmt: skip
+    agent = workloads(objects)["agent"]
+    volumes = {volume["name"]: volume for volume in agent["volumes"]}
+    assert volumes["kv-cache"]["hostPath"] == {"path": "/var/cache/llamesh/kv-cache", "type": "DirectoryOrCreate"}
+    mounts = {mount["mountPath"]: mount for mount in agent["containers"][0]["volumeMounts"]}
+    assert mounts[KV_CACHE_DIR] == {"name": "kv-cache", "mountPath": KV_CACHE_DIR}  # writable
+    (init,) = agent["initContainers"]  # a fresh hostPath folder is root's: handed to the agent's user
+    assert init["command"][-1] == KV_CACHE_DIR and ("kv-cache", KV_CACHE_DIR) in [
+        (mount["name"], mount["mountPath"]) for mount in init["volumeMounts"]
+    ]
+
+    on_disk = helms["helm4"].template(namespace="llamesh", sets=(
+        "config.kv_cache.enabled=true", "agent.cache.kvCache.hostPath=/mnt/kv"))  # fmt: skip
+    assert {v["name"]: v for v in workloads(on_disk)["agent"]["volumes"]}["kv-cache"]["hostPath"]["path"] == "/mnt/kv"
+    scratch = helms["helm4"].template(namespace="llamesh", sets=(
+        "config.kv_cache.enabled=true", "agent.cache.kvCache.type=emptyDir"))  # fmt: skip
+    agent = workloads(scratch)["agent"]
+    assert {v["name"]: v for v in agent["volumes"]}["kv-cache"] == {"name": "kv-cache", "emptyDir": {}}
+    assert KV_CACHE_DIR not in agent["initContainers"][0]["command"]
+
+    base = ["template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, "--set", "config.kv_cache.enabled=true"]
+    shared = helms["helm4"].run(*base, "--set", "agent.cache.kvCache.type=persistentVolumeClaim")
+    assert shared.returncode != 0 and "kvCache" in shared.stderr, shared.stderr  # per node: no shared claim
+    moved = helms["helm4"].run(*base, "--set", "config.kv_cache.directory=/elsewhere")
+    assert moved.returncode != 0 and "directory" in moved.stderr, moved.stderr  # the chart owns the folder
 
 
 # --- the real API server ----------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ rates following real requests through the gateway; a rebuild shown pending, then
 In headless Chromium (Debian's, driven by selenium) against `llamesh serve` with the real llama-server, on
 a phone-sized screen: the page loads with no console errors, shows an instance going Starting → Ready after
 a request, the queue rising under load, and the drain button draining the instance; with auth on, the page
-asks for a key, refuses a wrong one, and keeps the right one for the tab. README.md's screenshot
+asks for a key, refuses a wrong one, and keeps the right one for the tab; `/ui/` serves the same page, whose
+stylesheet and script load from there too. README.md's screenshot
 is taken there: DASHBOARD_SCREENSHOT=docs/dashboard.png (not LLAMESH_*: `llamesh serve` reads those).
 """
 
@@ -385,8 +386,11 @@ def slow_starting_llama_server(folder: Path, real: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def llamesh_serve(tmp_path: Path, binary: Path, chat_model: Path) -> AsyncIterator[tuple[str, processes.Child]]:
-    """`llamesh serve` as a child process: one profile, one slot, one instance at most."""
+async def llamesh_serve(
+    tmp_path: Path, binary: Path, chat_model: Path, *, llama_cpp: dict[str, object] | None = None
+) -> AsyncIterator[tuple[str, processes.Child]]:
+    """`llamesh serve` as a child process: one profile, one slot, one instance at most; `binary` served as it
+    is, or the `llama_cpp` section given (test_dashboard_rebuild.py builds one)."""
     port = processes.free_port()
     settings = {
         "node_id": "dash",
@@ -394,7 +398,8 @@ async def llamesh_serve(tmp_path: Path, binary: Path, chat_model: Path) -> Async
         "metrics_path": str(tmp_path / "node-metrics.json"),
         "shutdown_grace_period_seconds": 5,
         "model_defaults": {"max_concurrent_requests_per_instance": 1, "max_instances_per_model": 1},
-        "llama_cpp": {"enabled": False, "binary_path": str(binary), "cache_dir": str(tmp_path / "cache")},
+        "llama_cpp": {"enabled": False, "binary_path": str(binary), "cache_dir": str(tmp_path / "cache")}
+        | (llama_cpp or {}),
     }
     cookbook_text = {
         "models": [
@@ -556,3 +561,10 @@ async def test_in_a_real_browser_the_page_asks_for_the_key_and_keeps_it_for_the_
         await page.wait_text("#connection", lambda t: t == "live", what="the page to load with the kept key")
         errors = await page.console_errors()
         assert errors and all("401" in entry["message"] for entry in errors), errors  # only the refused loads
+        # /ui/ is the same page: its stylesheet and script load from there too (a missing one is a console error)
+        await asyncio.to_thread(page.driver.get, h.base_url + "/ui/")
+        await page.wait_text("#connection", lambda t: t == "live", what="the page under /ui/ to run its script")
+        await page.wait_text('#models tr[data-profile="secret-model"]', bool, what="the models under /ui/")
+        # dashboard.css sets the body's margin to 0; a browser's own default is 8px
+        assert await page.run("return getComputedStyle(document.body).marginTop") == "0px"
+        assert await page.console_errors() == []

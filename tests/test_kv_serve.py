@@ -152,36 +152,56 @@ models:
         assert await node.metric("proxy_affinity_total", result="hit") == 16
 
 
-async def test_an_evicted_instance_s_cache_is_restored_for_the_next_turn(
-    tmp_path: Path, llama_server_binary: Path, chat_model: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def evicting(
+    tmp_path: Path, binary: Path, chat_model: Path, *, extra_args: str = ""
+) -> AsyncIterator[tuple[Node, Path]]:
+    """`llamesh serve` with one single-slot profile whose instance stops after 2 idle seconds, and `kv_cache`
+    on in the folder it yields with the node."""
     cookbook = f"""
 models:
   - name: tiny
     profiles:
       - id: default
         model_path: {chat_model}
-        llama_server_args: "-c 2048 -np 1"
+        llama_server_args: "-c 2048 -np 1{extra_args}"
         idle_timeout_seconds: 2
 """
     kv = tmp_path / "kv"
     settings = {"kv_cache": {"enabled": True, "directory": str(kv), "min_cached_tokens": 256}}
-    async with serving(tmp_path, llama_server_binary, cookbook, **settings) as node:
-        history: list[ChatCompletionMessageParam] = [
-            {"role": "user", "content": "Describe the harbour, its ships and their cargo in detail. " * 12}
-        ]
-        first = await node.client.chat.completions.create(model="tiny", messages=history, max_tokens=4)
+    async with serving(tmp_path, binary, cookbook, **settings) as node:
+        yield node, kv
+
+
+async def a_turn_then_eviction(
+    node: Node, kv: Path, *, opening: str, follow_up: str
+) -> tuple[ChatCompletion, list[ChatCompletionMessageParam]]:
+    """The first turn of a conversation (`opening` twelve times), then its instance stopped for idleness with
+    its slot saved; the first answer, and the history with `follow_up` for the next turn."""
+    history: list[ChatCompletionMessageParam] = [{"role": "user", "content": opening * 12}]
+    first = await node.client.chat.completions.create(model="tiny", messages=history, max_tokens=4)
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content or ""},
+        {"role": "user", "content": follow_up},
+    ]
+
+    def evicted_and_saved() -> bool:
+        return node.llama_ports() == [] and any(kv.glob("*/*.slot*.bin"))
+
+    await waiting.eventually(evicted_and_saved, within_s=60)
+    return first, history
+
+
+async def test_an_evicted_instance_s_cache_is_restored_for_the_next_turn(
+    tmp_path: Path, llama_server_binary: Path, chat_model: Path
+) -> None:
+    async with evicting(tmp_path, llama_server_binary, chat_model) as (node, kv):
+        first, history = await a_turn_then_eviction(
+            node, kv, opening="Describe the harbour, its ships and their cargo in detail. ",
+            follow_up="What happens at night?",
+        )  # fmt: skip
         cold_prompt = timings(first)["prompt_n"]
         assert cold_prompt > 600
-        history += [
-            {"role": "assistant", "content": first.choices[0].message.content or ""},
-            {"role": "user", "content": "What happens at night?"},
-        ]
-
-        async def evicted_and_saved() -> bool:
-            return node.llama_ports() == [] and any(kv.glob("*/*.slot*.bin"))
-
-        await waiting.eventually(evicted_and_saved, within_s=60)
         assert await node.metric("proxy_kv_cache_saves_total") == 1
 
         second = await node.client.chat.completions.create(model="tiny", messages=history, max_tokens=4)
@@ -199,33 +219,12 @@ async def test_a_restored_cache_that_llama_server_does_not_use_is_counted(
 ) -> None:
     # --no-cache-prompt: llama-server loads the saved slot, then reads every prompt from scratch anyway,
     # as a sliding-window model without --swa-full does with a restored slot
-    cookbook = f"""
-models:
-  - name: tiny
-    profiles:
-      - id: default
-        model_path: {chat_model}
-        llama_server_args: "-c 2048 -np 1 --no-cache-prompt"
-        idle_timeout_seconds: 2
-"""
-    kv = tmp_path / "kv"
-    settings = {"kv_cache": {"enabled": True, "directory": str(kv), "min_cached_tokens": 256}}
-    async with serving(tmp_path, llama_server_binary, cookbook, **settings) as node:
-        history: list[ChatCompletionMessageParam] = [
-            {"role": "user", "content": "List the lighthouses of the northern coast, one by one. " * 12}
-        ]
-        first = await node.client.chat.completions.create(model="tiny", messages=history, max_tokens=4)
-        history += [
-            {"role": "assistant", "content": first.choices[0].message.content or ""},
-            {"role": "user", "content": "Which is the oldest?"},
-        ]
-
-        async def evicted_and_saved() -> bool:
-            return node.llama_ports() == [] and any(kv.glob("*/*.slot*.bin"))
-
-        await waiting.eventually(evicted_and_saved, within_s=60)
+    async with evicting(tmp_path, llama_server_binary, chat_model, extra_args=" --no-cache-prompt") as (node, kv):
+        _, history = await a_turn_then_eviction(
+            node, kv, opening="List the lighthouses of the northern coast, one by one. ",
+            follow_up="Which is the oldest?",
+        )  # fmt: skip
         second = await node.client.chat.completions.create(model="tiny", messages=history, max_tokens=4)
         assert timings(second)["cache_n"] == 0  # served from a cold prompt, as if nothing had been saved
         assert await node.metric("proxy_kv_cache_restores_total", result="restored") == 1
         assert await node.metric("proxy_kv_cache_restores_total", result="unused") == 1
-        assert await node.metric("proxy_affinity_cache_total", result="cold") == 1

@@ -24,7 +24,7 @@ import openai
 import pytest
 import yaml
 
-import mesh_support as ms
+import noise_support as ms
 from llamesh_api import config
 from llamesh_proxy import connections
 from llamesh_proxy.mesh import tls

@@ -50,6 +50,7 @@ async def quickstart(tmp_path: Path, llama_server_binary: Path) -> AsyncIterator
     finally:
         await client.close()
         await processes.stop(child, grace_s=15)
+        print(f"--- the quickstart's log ({child.log_path}), shown when the test fails:\n{child.log_tail(80)}")
 
 
 async def test_quickstart_serves_the_base_model_and_the_readme_prompts_get_their_answers(

@@ -230,6 +230,10 @@ class NodeAgent:
     # --- reconcile --------------------------------------------------------------------------------
 
     async def _reconcile_once(self) -> None:
+        if not (self._instance_informer.listed.is_set() and self._model_informer.listed.is_set()):
+            # before both first lists, an instance may be cached whose model is not yet: it would be failed
+            # for a profile the cookbook has (each list wakes the loop)
+            return
         now = time.monotonic()
         actions = plan.plan(
             node_name=self.node_name,

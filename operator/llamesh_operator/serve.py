@@ -2,9 +2,11 @@
 
 Start order: load the cookbook into the store (a broken cookbook stops the start with its messages), make
 sure llama-server exists (build it if needed, with progress), start the agent and the operator loop, then
-open the gateway's port. Shutdown follows the seed: the first SIGTERM/SIGINT drains (readyz 503, new and
-queued requests 503 draining, in-flight ones finish) for up to `shutdown_grace_period_seconds`; a second
-signal or the end of the grace period exits; every llama-server child is stopped on the way out.
+open the gateway's port. With `cluster.enabled`, the gateway also joins the mesh (`llamesh_proxy.cluster`:
+gossip, mDNS, forwarding to peers over Noise on the same port). Shutdown follows the seed: the first
+SIGTERM/SIGINT drains (readyz 503, new and queued requests 503 draining, in-flight ones finish) for up to
+`shutdown_grace_period_seconds`; a second signal or the end of the grace period exits; every llama-server
+child is stopped on the way out.
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ import contextlib
 import logging
 import resource
 import signal
+import socket
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from llamesh_agent import build, node_agent
 from llamesh_api import config, store
 from llamesh_operator import controller, cookbook_sync
 from llamesh_proxy import app as gateway_app
-from llamesh_proxy import connections
-from llamesh_proxy.mesh import keys, tls
+from llamesh_proxy import cluster, connections
+from llamesh_proxy.mesh import discovery, keys, peers, tls, transport
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,8 @@ async def serve(node_config: config.NodeConfig, *, cookbook_path: Path, config_d
         node_name=agent.node_name,
         metrics_path=agent.learned_path,  # one metrics file per node, shared with the agent (`snapshot`)
     )
+    if node_config.cluster.enabled:
+        cluster.install(app, mesh(app, node_config, layers=layers))
     runner = gateway_app.make_runner(app, layers=layers)
 
     tasks = [
@@ -125,6 +131,49 @@ def public_port_layers(node_config: config.NodeConfig, *, config_dir: Path) -> c
         except tls.TlsError as exc:
             raise ServeError(str(exc)) from exc
     return connections.Layers(noise=security, tls=server_tls)
+
+
+def mesh(app: web.Application, node_config: config.NodeConfig, *, layers: connections.Layers) -> cluster.Mesh:
+    """The node's side of the cluster: peers reached over Noise when it is on, found through mDNS when
+    `cluster.discovery.mdns`, and at `public_url` (else `http://listen_addr`) themselves."""
+    own_url = own_mesh_url(node_config)
+    settings = node_config.cluster.discovery
+    starter: cluster.DiscoveryStarter | None = None
+    if settings.mdns:
+
+        def starter(gossiper: peers.Gossiper) -> contextlib.AbstractAsyncContextManager[object]:
+            return discovery.advertised(
+                service_name=settings.service_name,
+                node_id=node_config.node_id,
+                url=own_url,
+                found=gossiper.add_peer,
+            )
+
+    return cluster.Mesh(
+        app[gateway_app.GATEWAY],
+        connector=mesh_connector(layers),
+        own_url=own_url,
+        noise=layers.noise is not None,
+        discovery=starter,
+    )
+
+
+def mesh_connector(layers: connections.Layers) -> Callable[[], aiohttp.BaseConnector]:
+    """Connections to peers: Noise sessions with this node's identity, or plain TCP when Noise is off."""
+    security = layers.noise
+    if security is None:
+        return lambda: aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    return lambda: transport.NoiseConnector(security, limit=0, keepalive_timeout=60)
+
+
+def own_mesh_url(node_config: config.NodeConfig) -> str:
+    """Where peers reach this node: `public_url`, else `http://listen_addr` (the host name for a wildcard)."""
+    if node_config.public_url:
+        return node_config.public_url.rstrip("/")
+    host = node_config.listen_host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"http://{host}:{node_config.listen_port}"
 
 
 async def listen(runner: web.AppRunner, node_config: config.NodeConfig) -> None:

@@ -4,7 +4,8 @@ With `auth.enabled`, a request carries its key in `auth.required_header` (defaul
 `Authorization: Bearer <key>` (what OpenAI SDKs send). Probes (/healthz, /health, /readyz, /version) and the
 dashboard's page and assets (/ui: no data in them; the page asks for a key) stay open; everything else — the
 OpenAI routes, /metrics, the dashboard's state and the admin endpoints — needs an accepted key.
-Keys are compared in constant time against every configured key, as the seed does.
+Keys are compared in constant time against every configured key, as the seed does. A request over a Noise
+session (a cluster peer: gossip, a forwarded request) needs no key; the peer proved the cluster token.
 
 This module decides who may call; it does not rate-limit or scope keys to models.
 """
@@ -18,8 +19,11 @@ from aiohttp import typedefs, web
 
 from llamesh_api import config
 from llamesh_proxy import errors
+from llamesh_proxy.mesh import transport
 
-OPEN_PATHS = frozenset({"/healthz", "/health", "/readyz", "/version", "/ui", "/ui/dashboard.css", "/ui/dashboard.js"})
+OPEN_PATHS = frozenset(
+    {"/healthz", "/health", "/readyz", "/version", "/ui", "/ui/", "/ui/dashboard.css", "/ui/dashboard.js"}
+)
 _BEARER = "bearer "
 
 
@@ -59,8 +63,15 @@ class Authenticator:
     def middleware(self) -> typedefs.Middleware:
         @web.middleware
         async def require_key(request: web.Request, handler: errors.Handler) -> web.StreamResponse:
-            if self.enabled and request.path not in OPEN_PATHS and not self.is_authorized(request.headers):
+            refused = self.enabled and request.path not in OPEN_PATHS and not self.is_authorized(request.headers)
+            if refused and not is_mesh_peer(request):
                 raise errors.AuthenticationFailed()
             return await handler(request)
 
         return require_key
+
+
+def is_mesh_peer(request: web.Request) -> bool:
+    """The request came over a Noise session: a cluster node that proved the cluster token and a trusted key
+    (gossip, forwarded requests). It needs no client key; the client's was checked by the node it reached."""
+    return request.transport is not None and request.transport.get_extra_info(transport.PEER_INFO) is not None

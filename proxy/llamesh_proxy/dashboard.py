@@ -1,6 +1,7 @@
 """The live web dashboard at `/ui`, served by the gateway itself (bare metal and Kubernetes alike).
 
-- `GET /ui` and its two assets (`ui/` package data: plain HTML, CSS and JavaScript, nothing fetched from
+- `GET /ui` (and `/ui/`, the same page: its asset and API URLs are absolute, so they resolve alike from
+  both) and its two assets (`ui/` package data: plain HTML, CSS and JavaScript, nothing fetched from
   elsewhere) carry no data, so they are open like the probes; the page asks for a key when `/ui/state`
   answers 401 and keeps it in the tab's sessionStorage, sending it as `Authorization: Bearer`.
 - `GET /ui/state[?since=N]`: the state document (`overview.build`), behind the same auth as /v1/models.
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ASSETS = {
     "/ui": ("index.html", "text/html"),
+    "/ui/": ("index.html", "text/html"),
     "/ui/dashboard.css": ("dashboard.css", "text/css"),
     "/ui/dashboard.js": ("dashboard.js", "text/javascript"),
 }

@@ -77,9 +77,14 @@ def model_object(gw: gateway.Gateway, target: catalog.Target) -> dict[str, Any]:
     }
 
 
+def all_models(gw: gateway.Gateway) -> list[dict[str, Any]]:
+    """This node's models, then (in a cluster) the ones only peers serve: the cluster's union."""
+    local = [model_object(gw, t) for t in gw.catalog.targets()]
+    return local + (gw.mesh.peer_models() if gw.mesh is not None else [])
+
+
 async def list_models(request: web.Request) -> web.Response:
-    gw = _gateway(request)
-    return web.json_response({"object": "list", "data": [model_object(gw, t) for t in gw.catalog.targets()]})
+    return web.json_response({"object": "list", "data": all_models(_gateway(request))})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -90,9 +95,12 @@ async def get_model(request: web.Request) -> web.Response:
     gw = _gateway(request)
     wanted = request.match_info["model"]
     target = next((t for t in gw.catalog.targets() if t.display == wanted), None)
-    if target is None:
+    if target is not None:
+        return web.json_response(model_object(gw, target))
+    remote = next((m for m in (gw.mesh.peer_models() if gw.mesh is not None else []) if m["id"] == wanted), None)
+    if remote is None:
         raise errors.ModelNotFound(f"Model '{wanted}' not found in local cookbook or any peer", param="model")
-    return web.json_response(model_object(gw, target))
+    return web.json_response(remote)
 
 
 # --- metrics ----------------------------------------------------------------------------------

@@ -136,8 +136,12 @@ class Forwarder:
         api_key: str | None,
         request_id: str,
         relay: Relay,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
+        """`extra_headers` replace the client's of the same name (the mesh's hop count)."""
         headers = upstream_headers(request.headers, dropped=self._dropped, api_key=api_key, request_id=request_id)
+        if extra_headers:
+            headers.update(extra_headers)
         total_s = max_duration_ms / 1000 if max_duration_ms else None
         rerank = request.path in RERANK_PATHS
         path = self._rerank_paths.get(base_url, request.path) if rerank else request.path

@@ -14,14 +14,44 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any, Protocol
 
 from aiohttp import web
 
 import llamesh_api
 from llamesh_api import config, store
-from llamesh_proxy import auth, catalog, dispatch, forwarder, metrics, queueing, sharing
+from llamesh_proxy import auth, catalog, dispatch, forwarder, metrics, queueing, requestlog, sharing
 
 VERSION = llamesh_api.__version__
+
+
+class MeshRouter(Protocol):
+    """The mesh as the request path sees it (`cluster.Mesh`): None on a node outside a cluster."""
+
+    async def route(
+        self,
+        request: web.Request,
+        *,
+        requested: str,
+        target: catalog.Target | None,
+        body: bytes,
+        exchange: requestlog.Exchange,
+    ) -> web.StreamResponse | None:
+        """Forward to the best peer and return its answer; None when this node should serve it."""
+
+    async def fallback(
+        self,
+        request: web.Request,
+        *,
+        requested: str,
+        target: catalog.Target,
+        body: bytes,
+        exchange: requestlog.Exchange,
+    ) -> web.StreamResponse | None:
+        """After local spawning failed: a peer's answer, or None when no peer can serve it."""
+
+    def peer_models(self) -> list[dict[str, Any]]:
+        """The peers' models for /v1/models (those no local profile serves)."""
 
 
 class Gateway:
@@ -70,6 +100,7 @@ class Gateway:
         self._idle = asyncio.Event()
         self._idle.set()
         self.usage_nudge = asyncio.Event()  # set: publish usage now rather than at the next tick
+        self.mesh: MeshRouter | None = None  # set by `cluster.install` on a node in a cluster
 
     @property
     def forwarder(self) -> forwarder.Forwarder:

@@ -4,10 +4,11 @@ In order (DESIGN.md "The request path"; auth already ran as middleware): refuse 
 body within `http.request_body_limit_bytes` (413) and `http.body_read_timeout_ms` (408) → it must be a
 JSON object (400; nesting too deep for the decoder is invalid JSON too) → `model`: absent means
 `default_model`, present must be a non-empty string (400) → hop limit: `X-Llama-Mesh-Hops` is ASCII
-digits only, at most `max_hops` (400) → resolve `model[:profile]` (404) → the profile must serve this
+digits only, at most `max_hops` (400) → in a cluster, forward to a peer when the mesh's score says so or
+only a peer serves the model (`cluster`) → resolve `model[:profile]` (404) → the profile must serve this
 endpoint (the seed's 404/400) → admission (a slot now, or a wait in the profile's queue: the seed's
-503s) → forward → count and log one JSON line. Every answer carries `X-Request-Id` (the client's, or a
-new one).
+503s; a local spawn that keeps failing falls back to a peer in a cluster) → forward → count and log one
+JSON line. Every answer carries `X-Request-Id` (the client's, or a new one).
 
 The body is forwarded verbatim; only a `"stream": true` sent to embeddings or rerank is removed, because
 those endpoints have no streaming form (as in the seed).
@@ -66,6 +67,11 @@ async def serve(request: web.Request, endpoint: catalog.Capability) -> web.Strea
         requested = requested_model(document, default_model=gw.config.default_model)
         check_hops(request, max_hops=gw.config.max_hops)
         target = gw.catalog.resolve(requested)
+        if gw.mesh is not None:  # a peer may serve it better, or it is only served by a peer (`cluster`)
+            exchange.stream = document.get("stream") is True and endpoint is catalog.Capability.TEXT
+            routed = await gw.mesh.route(request, requested=requested, target=target, body=body, exchange=exchange)
+            if routed is not None:
+                return routed
         if target is None:
             raise errors.ModelNotFound(f"Model '{requested}' not found in local cookbook or any peer")
         exchange.model, exchange.profile = target.model, target.profile.id
@@ -78,7 +84,18 @@ async def serve(request: web.Request, endpoint: catalog.Capability) -> web.Strea
             stream = False
         exchange.stream = stream
         key = affinity.request_key(document, session=exchange.session_id) if target.policy.affinity else None
-        return await _forward(request, gw, target, body=body, exchange=exchange, key=key)
+        try:
+            return await _forward(request, gw, target, body=body, exchange=exchange, key=key)
+        except (errors.SpawnFailuresExhausted, errors.NoCapacity):
+            # the seed: a local spawn that keeps failing falls back to a peer that serves the model
+            fallback = None
+            if gw.mesh is not None:
+                fallback = await gw.mesh.fallback(
+                    request, requested=requested, target=target, body=body, exchange=exchange
+                )
+            if fallback is None:
+                raise
+            return fallback
     except errors.GatewayError as exc:
         exchange.status, exchange.error_type = exc.status, exc.error_type
         response = exc.to_response()

@@ -10,7 +10,8 @@ add up to at most the limit.** The claims live in the instance's status, one ent
   reads again, and finds nothing left. Only growth needs that; shrinking or renewing never breaks the sum;
 - a claim **counts** while it was renewed within `CLAIM_TTL_S`; replicas renew theirs every
   `RENEW_EVERY_S`, so a crashed replica's slots come free after the TTL. A replica that could not renew
-  for longer (the API server was away) claims again with the version check before it trusts its claim,
+  for nearly the TTL (the API server was away; it counts from the moment it stamped its last claimedAt, not
+  from the write's answer) claims again with the version check before it trusts its claim,
   and keeps only what others did not take meanwhile. While the API server is unreachable a replica keeps
   serving on the slots it holds (nobody can claim them then): availability first. Only a replica cut off
   from an API server that others still reach can overlap with them, after the TTL — llama-server's own
@@ -82,7 +83,7 @@ class _Claim:
     pool: str
     limit: int
     slots: int = 0
-    renewed: float = 0.0  # time.monotonic() of the last successful write
+    renewed: float = 0.0  # time.monotonic() when the last successful write was stamped (its claimedAt)
     idle_since: float | None = None
 
 
@@ -202,13 +203,14 @@ class SlotClaims:
         )
         if new <= claim.slots:
             return None
+        stamped = time.monotonic()  # others count the claim from its claimedAt, stamped before the write
         await self._store.patch_status(
             resources.LlamaInstance,
             name,
             {"usage": {self._me: self._entry(new, waiting=0)}},
             resource_version=instance.metadata.resource_version,
         )
-        claim.slots, claim.renewed, claim.idle_since = new, time.monotonic(), None
+        claim.slots, claim.renewed, claim.idle_since = new, stamped, None
         return new
 
     def _allow(self, pool: str, name: str, slots: int) -> None:
@@ -227,6 +229,7 @@ class SlotClaims:
     async def _write(self, name: str, slots: int, *, waiting: int) -> None:
         """Renew, shrink or release (no version needed: the sum cannot grow)."""
         claim = self._claims.get(name)
+        stamped = time.monotonic()
         try:
             await self._store.patch_status(
                 resources.LlamaInstance, name, {"usage": {self._me: self._entry(slots, waiting=waiting)}}
@@ -235,7 +238,7 @@ class SlotClaims:
             self._claims.pop(name, None)
             return
         if claim is not None:
-            claim.slots, claim.renewed = slots, time.monotonic()
+            claim.slots, claim.renewed = slots, stamped
             if not slots:
                 self._claims.pop(name, None)
 
@@ -269,8 +272,9 @@ class SlotClaims:
                 if claim.idle_since is not None and now - claim.idle_since >= IDLE_RELEASE_S:
                     await self._write(name, 0, waiting=0)
                     self._allow(claim.pool, name, 0)
-                elif now - claim.renewed > CLAIM_TTL_S:
-                    # others may have counted it as lapsed: claim again, with the version check
+                elif now - claim.renewed > CLAIM_TTL_S - RENEW_EVERY_S:
+                    # others may count it as lapsed soon (or already: a slow write, a late pass): claim
+                    # again, with the version check
                     kept = await retrying.conflicts(
                         functools.partial(self._reclaim, name, claim), what=f"reclaim {name}", policy=_CLAIM_CONFLICTS
                     )
@@ -286,13 +290,14 @@ class SlotClaims:
             self._claims.pop(name, None)
             return 0
         kept = min(claim.slots, max(claim.limit - others_claimed(instance, me=self._me, now=resources_now()), 0))
+        stamped = time.monotonic()
         await self._store.patch_status(
             resources.LlamaInstance,
             name,
             {"usage": {self._me: self._entry(kept, waiting=0)}},
             resource_version=instance.metadata.resource_version,
         )
-        claim.slots, claim.renewed = kept, time.monotonic()
+        claim.slots, claim.renewed = kept, stamped
         if not kept:
             self._claims.pop(name, None)
         return kept

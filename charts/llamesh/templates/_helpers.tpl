@@ -83,6 +83,10 @@ capabilities:
 {{/* The agent's llama.cpp cache inside its container (config.yaml's llama_cpp.cache_dir). */}}
 {{- define "llamesh.llamaCppCacheDir" -}}/var/cache/llamesh/llama.cpp{{- end -}}
 
+{{/* Where the agent (and the llama-server instances in its pod) keep saved slot KV caches: config.yaml's
+kv_cache.directory, the mount path of agent.cache.kvCache. */}}
+{{- define "llamesh.kvCacheDir" -}}/var/cache/llamesh/kv-cache{{- end -}}
+
 {{/* Environment every role gets: HOME on the writable /tmp (the root filesystem is read-only, and pip, git
 and ccache write under ~), Python without bytecode writes. */}}
 {{- define "llamesh.commonEnv" -}}

@@ -22,6 +22,7 @@ import asyncio
 import enum
 import errno
 import struct
+import typing
 from typing import Any
 
 import aiohttp
@@ -199,9 +200,10 @@ class _Initiator(asyncio.Protocol):
         self._early = b""  # plaintext that came before aiohttp's protocol was attached
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.layer = NoiseTransport(transport, self.session)
-        transport.write(self.session.start())
+        # a cast, not an isinstance check: uvloop's TCPTransport is a stream transport but no asyncio.Transport
+        raw = typing.cast(asyncio.Transport, transport)
+        self.layer = NoiseTransport(raw, self.session)
+        raw.write(self.session.start())
 
     def attach(self, app: asyncio.Protocol) -> NoiseTransport:
         assert self.layer is not None
