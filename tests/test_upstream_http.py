@@ -95,6 +95,16 @@ def replying(data: bytes, *, keep: bool = True) -> Answer:
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 
 
+@pytest.fixture
+async def pool() -> AsyncIterator[upstream_http.Pool]:
+    """A pool for the test, closed after it whatever happened."""
+    connections = upstream_http.Pool()
+    try:
+        yield connections
+    finally:
+        await connections.close()
+
+
 async def ask(pool: upstream_http.Pool, url: str, **options: float | None) -> upstream_http.Response:
     headers = CIMultiDict({"Content-Type": "application/json", "X-Request-Id": "r-1"})
     return await pool.request(
@@ -108,20 +118,16 @@ async def ask(pool: upstream_http.Pool, url: str, **options: float | None) -> up
     )
 
 
-async def test_content_length_body_and_keep_alive_reuse() -> None:
+async def test_content_length_body_and_keep_alive_reuse(pool: upstream_http.Pool) -> None:
     async with upstream(replying(OK)) as server:
-        pool = upstream_http.Pool()
-        try:
-            for _ in range(3):
-                response = await ask(pool, server.url)
-                assert response.status == 200
-                assert response.headers["Content-Type"] == "application/json"
-                assert await response.read() == b'{"ok":true}'
-                response.close()
-                assert pool.idle_connections(server.url) == 1
-            assert server.connections == 1  # one connection carried all three
-        finally:
-            await pool.close()
+        for _ in range(3):
+            response = await ask(pool, server.url)
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "application/json"
+            assert await response.read() == b'{"ok":true}'
+            response.close()
+            assert pool.idle_connections(server.url) == 1
+        assert server.connections == 1  # one connection carried all three
         head = server.requests[0].split(b"\r\n\r\n")[0].decode().split("\r\n")
         assert head[0] == "POST /v1/chat/completions?x=1 HTTP/1.1"
         fields = {line.partition(": ")[0].lower(): line.partition(": ")[2] for line in head[1:]}
@@ -132,7 +138,7 @@ async def test_content_length_body_and_keep_alive_reuse() -> None:
         assert server.requests[0].endswith(b'\r\n\r\n{"model":"m"}')
 
 
-async def test_chunked_body_arrives_piece_by_piece() -> None:
+async def test_chunked_body_arrives_piece_by_piece(pool: upstream_http.Pool) -> None:
     events = [b'data: {"n":%d}\n\n' % n for n in range(5)]
 
     async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
@@ -144,124 +150,92 @@ async def test_chunked_body_arrives_piece_by_piece() -> None:
         return True
 
     async with upstream(answer) as server:
-        pool = upstream_http.Pool()
-        try:
-            response = await ask(pool, server.url)
-            assert "Transfer-Encoding" in response.headers
-            received = b""
-            while chunk := await response.readany():
-                received += chunk
-            assert received == b"".join(events)
-            response.close()
-            assert pool.idle_connections(server.url) == 1
-        finally:
-            await pool.close()
+        response = await ask(pool, server.url)
+        assert "Transfer-Encoding" in response.headers
+        received = b""
+        while chunk := await response.readany():
+            received += chunk
+        assert received == b"".join(events)
+        response.close()
+        assert pool.idle_connections(server.url) == 1
 
 
-async def test_connection_close_is_not_pooled() -> None:
+async def test_connection_close_is_not_pooled(pool: upstream_http.Pool) -> None:
     closing = OK.replace(b"Content-Length", b"Connection: close\r\nContent-Length")
     async with upstream(replying(closing, keep=False)) as server:
-        pool = upstream_http.Pool()
-        try:
-            for expected in (1, 2):
-                response = await ask(pool, server.url)
-                assert await response.read() == b'{"ok":true}'
-                response.close()
-                assert pool.idle_connections(server.url) == 0
-                assert server.connections == expected
-        finally:
-            await pool.close()
+        for expected in (1, 2):
+            response = await ask(pool, server.url)
+            assert await response.read() == b'{"ok":true}'
+            response.close()
+            assert pool.idle_connections(server.url) == 0
+            assert server.connections == expected
 
 
-async def test_body_until_the_server_closes() -> None:
+async def test_body_until_the_server_closes(pool: upstream_http.Pool) -> None:
     no_length = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it"
     async with upstream(replying(no_length, keep=False)) as server:
-        pool = upstream_http.Pool()
-        try:
-            response = await ask(pool, server.url)
-            assert await response.read() == b"all of it"
-            response.close()
-            assert pool.idle_connections(server.url) == 0
-        finally:
-            await pool.close()
+        response = await ask(pool, server.url)
+        assert await response.read() == b"all of it"
+        response.close()
+        assert pool.idle_connections(server.url) == 0
 
 
-async def test_upstream_dying_mid_body_is_a_payload_error() -> None:
+async def test_upstream_dying_mid_body_is_a_payload_error(pool: upstream_http.Pool) -> None:
     cut = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b"
     async with upstream(replying(cut, keep=False)) as server:
-        pool = upstream_http.Pool()
-        try:
-            response = await ask(pool, server.url)
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await response.read()
-            response.close()
-            assert pool.idle_connections(server.url) == 0
-        finally:
-            await pool.close()
+        response = await ask(pool, server.url)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+        response.close()
+        assert pool.idle_connections(server.url) == 0
 
 
-async def test_dying_before_the_answer_is_a_disconnect() -> None:
+async def test_dying_before_the_answer_is_a_disconnect(pool: upstream_http.Pool) -> None:
     async with upstream(replying(b"", keep=False)) as server:
-        pool = upstream_http.Pool()
-        try:
-            with pytest.raises(aiohttp.ServerDisconnectedError):
-                await ask(pool, server.url)
-        finally:
-            await pool.close()
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await ask(pool, server.url)
 
 
-async def test_idle_connection_closed_by_the_server_is_not_reused() -> None:
+async def test_idle_connection_closed_by_the_server_is_not_reused(pool: upstream_http.Pool) -> None:
     async with upstream(replying(OK)) as server:
-        pool = upstream_http.Pool()
-        try:
-            (await ask(pool, server.url)).close()
-            assert pool.idle_connections(server.url) == 1
-            server.writers[0].close()  # the server drops the kept-alive connection, as llama-server does
-            await waiting.eventually(lambda: pool.idle_connections(server.url) == 0, within_s=10, what="close seen")
-            response = await ask(pool, server.url)
-            assert await response.read() == b'{"ok":true}'
-            response.close()
-            assert server.connections == 2
-        finally:
-            await pool.close()
+        (await ask(pool, server.url)).close()
+        assert pool.idle_connections(server.url) == 1
+        server.writers[0].close()  # the server drops the kept-alive connection, as llama-server does
+        await waiting.eventually(lambda: pool.idle_connections(server.url) == 0, within_s=10, what="close seen")
+        response = await ask(pool, server.url)
+        assert await response.read() == b'{"ok":true}'
+        response.close()
+        assert server.connections == 2
 
 
-async def test_connection_with_stray_bytes_while_idle_is_not_reused() -> None:
+async def test_connection_with_stray_bytes_while_idle_is_not_reused(pool: upstream_http.Pool) -> None:
     stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
     async with upstream(replying(OK + stray)) as server:
-        pool = upstream_http.Pool()
-        try:
-            response = await ask(pool, server.url)
-            assert await response.read() == b'{"ok":true}'
-            response.close()
-            await waiting.eventually(lambda: pool.idle_connections(server.url) == 0, within_s=10, what="stray seen")
-            response = await ask(pool, server.url)
-            assert await response.read() == b'{"ok":true}'  # a new connection: not the stray answer
-            response.close()
-            assert server.connections == 2
-        finally:
-            await pool.close()
+        response = await ask(pool, server.url)
+        assert await response.read() == b'{"ok":true}'
+        response.close()
+        await waiting.eventually(lambda: pool.idle_connections(server.url) == 0, within_s=10, what="stray seen")
+        response = await ask(pool, server.url)
+        assert await response.read() == b'{"ok":true}'  # a new connection: not the stray answer
+        response.close()
+        assert server.connections == 2
 
 
-async def test_abandoned_body_closes_the_connection() -> None:
+async def test_abandoned_body_closes_the_connection(pool: upstream_http.Pool) -> None:
     async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
         await writer.drain()
         return True
 
     async with upstream(answer) as server:
-        pool = upstream_http.Pool()
-        try:
-            response = await ask(pool, server.url)
-            assert await response.readany() == b"first"
-            response.close()  # the client went away mid-stream
-            assert pool.idle_connections(server.url) == 0
-            await waiting.eventually(lambda: server.closed == 1, within_s=10, what="upstream sees the close")
-        finally:
-            await pool.close()
+        response = await ask(pool, server.url)
+        assert await response.readany() == b"first"
+        response.close()  # the client went away mid-stream
+        assert pool.idle_connections(server.url) == 0
+        await waiting.eventually(lambda: server.closed == 1, within_s=10, what="upstream sees the close")
 
 
-async def test_stall_before_the_headers_hits_the_total_timeout() -> None:
+async def test_stall_before_the_headers_hits_the_total_timeout(pool: upstream_http.Pool) -> None:
     stop = asyncio.Event()
 
     async def stall(_request: bytes, _writer: asyncio.StreamWriter) -> bool:
@@ -270,73 +244,53 @@ async def test_stall_before_the_headers_hits_the_total_timeout() -> None:
 
     async with upstream(stall) as server:
         server.stop = stop
-        pool = upstream_http.Pool()
-        try:
-            with pytest.raises(TimeoutError):
-                await ask(pool, server.url, total_s=0.2)
-            assert pool.idle_connections(server.url) == 0
-        finally:
-            await pool.close()
+        with pytest.raises(TimeoutError):
+            await ask(pool, server.url, total_s=0.2)
+        assert pool.idle_connections(server.url) == 0
 
 
-async def test_stall_in_the_body_hits_the_read_timeout_and_the_total_timeout() -> None:
+async def test_stall_in_the_body_hits_the_read_timeout_and_the_total_timeout(pool: upstream_http.Pool) -> None:
     async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
         await writer.drain()
         return True
 
     async with upstream(answer) as server:
-        pool = upstream_http.Pool()
-        try:
-            response = await ask(pool, server.url, read_timeout_s=0.2)
-            assert await response.readany() == b"first"
-            with pytest.raises(aiohttp.SocketTimeoutError):
-                await response.readany()
-            response.close()
-            response = await ask(pool, server.url, total_s=0.3)
-            assert await response.readany() == b"first"
-            with pytest.raises(TimeoutError):
-                await response.readany()
-            response.close()
-        finally:
-            await pool.close()
+        response = await ask(pool, server.url, read_timeout_s=0.2)
+        assert await response.readany() == b"first"
+        with pytest.raises(aiohttp.SocketTimeoutError):
+            await response.readany()
+        response.close()
+        response = await ask(pool, server.url, total_s=0.3)
+        assert await response.readany() == b"first"
+        with pytest.raises(TimeoutError):
+            await response.readany()
+        response.close()
 
 
-async def test_refused_connection_is_a_connector_error() -> None:
+async def test_refused_connection_is_a_connector_error(pool: upstream_http.Pool) -> None:
     async with upstream(replying(OK)) as server:
         url = server.url
-    pool = upstream_http.Pool()
-    try:
-        with pytest.raises(aiohttp.ClientConnectorError) as raised:
-            await ask(pool, url)
-        assert isinstance(raised.value.os_error, ConnectionRefusedError)
-        assert str(raised.value).startswith(f"Cannot connect to host 127.0.0.1:{url.rpartition(':')[2]}")
-    finally:
-        await pool.close()
+    with pytest.raises(aiohttp.ClientConnectorError) as raised:
+        await ask(pool, url)
+    assert isinstance(raised.value.os_error, ConnectionRefusedError)
+    assert str(raised.value).startswith(f"Cannot connect to host 127.0.0.1:{url.rpartition(':')[2]}")
 
 
-async def test_malformed_answer_is_a_client_error() -> None:
+async def test_malformed_answer_is_a_client_error(pool: upstream_http.Pool) -> None:
     async with upstream(replying(b"NOT HTTP AT ALL\r\n\r\n", keep=False)) as server:
-        pool = upstream_http.Pool()
-        try:
-            with pytest.raises(aiohttp.ClientResponseError):
-                await ask(pool, server.url)
-        finally:
-            await pool.close()
+        with pytest.raises(aiohttp.ClientResponseError):
+            await ask(pool, server.url)
 
 
-async def test_informational_answer_is_skipped() -> None:
+async def test_informational_answer_is_skipped(pool: upstream_http.Pool) -> None:
     async with upstream(replying(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)) as server:
-        pool = upstream_http.Pool()
-        try:
-            response = await ask(pool, server.url)
-            assert response.status == 200 and await response.read() == b'{"ok":true}'
-            response.close()
-        finally:
-            await pool.close()
+        response = await ask(pool, server.url)
+        assert response.status == 200 and await response.read() == b'{"ok":true}'
+        response.close()
 
 
-async def test_informational_answer_then_the_answer_in_pieces() -> None:
+async def test_informational_answer_then_the_answer_in_pieces(pool: upstream_http.Pool) -> None:
     async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
         for piece in (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConte", OK[len(b"HTTP/1.1 200 OK\r\nConte") :]):
             writer.write(piece)
@@ -345,35 +299,27 @@ async def test_informational_answer_then_the_answer_in_pieces() -> None:
         return True
 
     async with upstream(answer) as server:
-        pool = upstream_http.Pool()
-        try:
-            response = await ask(pool, server.url)
-            assert response.status == 200 and await response.read() == b'{"ok":true}'
-            response.close()
-        finally:
-            await pool.close()
+        response = await ask(pool, server.url)
+        assert response.status == 200 and await response.read() == b'{"ok":true}'
+        response.close()
 
 
-async def test_refused_header_closes_the_connection_it_took() -> None:
+async def test_refused_header_closes_the_connection_it_took(pool: upstream_http.Pool) -> None:
     async with upstream(replying(OK)) as server:
-        pool = upstream_http.Pool()
-        try:
-            (await ask(pool, server.url)).close()
-            assert pool.idle_connections(server.url) == 1
-            with pytest.raises(ValueError, match="Newline"):
-                await pool.request(
-                    "POST",
-                    server.url,
-                    "/p",
-                    headers=CIMultiDict({"X": "a\nb"}),
-                    body=b"",
-                    total_s=None,
-                    read_timeout_s=None,
-                )
-            assert pool.idle_connections(server.url) == 0
-            await waiting.eventually(lambda: server.closed == 1, within_s=10, what="the taken connection closed")
-        finally:
-            await pool.close()
+        (await ask(pool, server.url)).close()
+        assert pool.idle_connections(server.url) == 1
+        with pytest.raises(ValueError, match="Newline"):
+            await pool.request(
+                "POST",
+                server.url,
+                "/p",
+                headers=CIMultiDict({"X": "a\nb"}),
+                body=b"",
+                total_s=None,
+                read_timeout_s=None,
+            )
+        assert pool.idle_connections(server.url) == 0
+        await waiting.eventually(lambda: server.closed == 1, within_s=10, what="the taken connection closed")
 
 
 def test_request_head_keeps_the_callers_headers_and_refuses_injection() -> None:
