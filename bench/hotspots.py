@@ -8,7 +8,8 @@ extra `py-spy`) on the gateway while load.py drives `--mode` with 32 connections
 the most samples (self, and including callees), the gateway's CPU ms per 1,000 requests or per 100,000
 tokens over the same window, and the raw profile's path. py-spy counts a thread that is runnable but not
 running (preempted by the upstream on the same core) as busy: the psutil CPU figure is the ground truth,
-the profile only says where within it the time goes. Needs ptrace rights over the child (root, or
+the profile only says where within it the time goes; `--apart` moves the upstream to the load generator's
+CPU, so that the gateway's samples are its own work. Needs ptrace rights over the child (root, or
 kernel.yama.ptrace_scope 0).
 """
 
@@ -23,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 import run
 import servers
@@ -71,6 +74,9 @@ async def profile(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, An
     try:
         await servers.wait_answering(gateway, "/healthz", deadline_s=60)
         await servers.wait_answering(gateway, "/v1/chat/completions", deadline_s=120, method="POST")
+        if args.apart and load_cpus is not None:  # the upstream it spawned goes to the load generator's CPU
+            for child in psutil.Process(gateway.pid).children(recursive=True):
+                servers.pin(child.pid, load_cpus)
         record = [spy, "record", "--pid", str(gateway.pid), "--rate", "200", "--duration", str(int(args.seconds) + 1)]
         sampler = await asyncio.create_subprocess_exec(
             *record, "--format", "raw", "--output", str(raw_path), "--nonblocking",
@@ -109,6 +115,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--raw", type=Path, default=None, help="where py-spy's raw profile goes")
+    parser.add_argument(
+        "--apart",
+        action="store_true",
+        help="the gateway alone on its CPU (its upstream with the load generator): no sample is the gateway "
+        "waiting for a core its upstream holds",
+    )
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="llamesh-profile-"))
     try:

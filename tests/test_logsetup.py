@@ -62,6 +62,27 @@ def test_json_line_has_the_seed_fields_and_extras() -> None:
     assert line["timestamp"].endswith("+00:00")
 
 
+def test_timestamps_are_datetimes_iso_text_to_the_millisecond() -> None:
+    """The cached-second timestamp says what `datetime.isoformat(timespec="milliseconds")` says, rounding
+    at the microsecond included, and moves on with the second."""
+    formatter = logsetup.JsonFormatter(node_id="n1")
+    stamps = [0.0, 1.9999, 1764000000.0005, 1764000000.9994999, 1764000000.9999996, 1795955044.6919997]
+    stamps += [1764000000 + step / 997 for step in range(3000)]
+    for created in stamps:
+        expected = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(timespec="milliseconds")
+        assert formatter._timestamp(created) == expected, created
+
+
+def test_values_the_fast_encoder_refuses_are_still_written() -> None:
+    """orjson writes the line; what it cannot (an int beyond 64 bits, a key not a str) falls back to `json`,
+    and what neither knows is written as its str()."""
+    formatter = logsetup.JsonFormatter(node_id="n1")
+    huge = json.loads(formatter.format(record("big", tokens=2**70, by_slot={1: "a"})))
+    assert (huge["tokens"], huge["by_slot"]) == (2**70, {"1": "a"})
+    odd = json.loads(formatter.format(record("odd", path=Path("/tmp/x"), started=datetime.date(2026, 12, 2))))
+    assert (odd["path"], odd["started"]) == ("/tmp/x", "2026-12-02")
+
+
 def test_tracebacks_survive_the_queue() -> None:
     try:
         raise ValueError("boom")

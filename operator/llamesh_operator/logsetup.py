@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from llamesh_api import config
 from llamesh_proxy import requestlog
 
@@ -46,13 +48,24 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._node_id = node_id
         # `json.dumps(entry, default=str)` builds this encoder anew on every call
-        self._encode = json.JSONEncoder(default=str).encode
+        self._encode_strictly = json.JSONEncoder(default=str).encode
+        self._second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+    def _timestamp(self, created: float) -> str:
+        """`created` in ISO 8601, UTC, to the millisecond: `datetime.isoformat`'s text, with the part up to
+        the second formatted once per second (it cost more than the JSON encoding of the line)."""
+        second = int(created)
+        micros = round((created - second) * 1e6)  # rounded to the microsecond first, as `datetime` does
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        if second != self._second[0]:
+            text = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = (second, text)
+        return f"{self._second[1]}.{micros // 1000:03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "timestamp": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
-                timespec="milliseconds"
-            ),
+            "timestamp": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "node_id": self._node_id,
             "logger": record.name,
@@ -69,7 +82,10 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             entry["exception"] = record.exc_text
-        return self._encode(entry)
+        try:  # ten times faster than the standard library (3.4 -> 0.35 us for a request's line; bench/)
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:  # what orjson refuses and `json` writes: an int beyond 64 bits, a key not a str
+            return self._encode_strictly(entry)
 
 
 class _RecordQueueHandler(logging.handlers.QueueHandler):

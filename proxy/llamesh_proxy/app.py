@@ -116,7 +116,7 @@ def _add_routes(app: web.Application) -> None:
 async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     """One pool of keep-alive connections for every upstream request (`upstream_http`); bytes are relayed undecoded."""
     gw = app[GATEWAY]
-    pool = upstream_http.Pool(keepalive_s=60)
+    pool = upstream_http.Pool()
     gw.forwarder = forwarder.Forwarder(
         pool,
         credential_headers=gw.authenticator.credential_headers(),

@@ -114,6 +114,10 @@ def emit(exchange: Exchange, *, duration_ms: float) -> None:
         fields["client_disconnected"] = True
     if exchange.upstream_failed:
         fields["upstream_failed"] = True
-    # What `logger.log` does, less its walk up the stack for the caller's file and line (written nowhere).
-    message = f"{exchange.path} {exchange.model} -> {exchange.status}"
-    logger.handle(logger.makeRecord(logger.name, level, __file__, 0, message, (), None, extra=fields))
+    # What `logger.log` does, less its walk up the stack for the caller's file and line (written nowhere)
+    # and `makeRecord`'s check of each field against the record's own names (none of these is one).
+    record = logging.getLogRecordFactory()(
+        logger.name, level, __file__, 0, f"{exchange.path} {exchange.model} -> {exchange.status}", None, None
+    )
+    record.__dict__.update(fields)
+    logger.handle(record)

@@ -34,7 +34,9 @@ import aiohttp
 from aiohttp import client_proto, client_reqrep, helpers, http_exceptions, streams
 from multidict import CIMultiDict, CIMultiDictProxy
 
-KEEPALIVE_S = 60.0  # aiohttp's TCPConnector(keepalive_timeout=60), as the gateway configured it
+# llama-server (cpp-httplib) closes a connection idle for 5 s. Reusing one near that moment races its close:
+# the request is written, then the connection drops unanswered. Dropping ours a second earlier avoids the race.
+KEEPALIVE_S = 4.0
 CONNECT_TIMEOUT_S = 10.0  # ClientTimeout(sock_connect=10)
 READ_BUFSIZE = 2**16  # ClientSession's default read_bufsize
 MAX_IDLE_PER_HOST = 256
@@ -48,9 +50,10 @@ class UpstreamResponseError(aiohttp.ClientResponseError):
     `ClientResponseError` with the parser's code and message for the same)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class _Origin:
-    """A base URL parsed once: where to connect and what `Host` says."""
+    """A base URL parsed once: where to connect and what `Host` says. One object per base URL (`Pool` keeps
+    them), so it is a dict key by identity: hashing its fields twice per request showed in the profile."""
 
     host: str
     port: int
