@@ -19,7 +19,9 @@ Modes (each prints one JSON object as its last stdout line):
   `--max-tokens` tokens one after another (`ignore_eos`, temperature 0, so every stream has exactly that
   many) -> aggregate tokens/s over the whole run, and each stream's time to first token (request sent ->
   first event with content). Here a token is an event whose delta has content, counted by parsing each
-  event: llama-server's first (role) and last (finish, usage) events carry none.
+  event: llama-server's first (role) and last (finish, usage) events carry none. With `--alt-url`, each
+  worker alternates between the two targets stream by stream (half the workers start with each), so both
+  are measured under the same batch and load; `ttft_ms` is then `--url`'s streams, `alt_ttft_ms` the other's.
 
 With `--sync` (throughput, stream), the measured window is announced so that a caller can sample the server
 around exactly the requests counted: once the warm-up's last request has ended (nothing in flight), it prints
@@ -100,6 +102,7 @@ class OpenStreamsResult(TypedDict):
 
 class GenerateResult(StreamResult):
     ttft_ms: list[float]
+    alt_ttft_ms: list[float]
 
 
 class FirstTokenResult(TypedDict):
@@ -434,24 +437,32 @@ async def generate_one(
 
 
 async def generate(
-    session: aiohttp.ClientSession, url: str, body: bytes, *, concurrency: int, streams: int
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    *,
+    concurrency: int,
+    streams: int,
+    alt_url: str | None = None,
 ) -> GenerateResult:
     errors = Errors()
     per_stream: list[int] = []
-    ttft: list[float] = []
+    ttft: dict[str, list[float]] = {url: [], **({alt_url: []} if alt_url else {})}
+    targets = list(ttft)
 
-    async def worker() -> None:
-        for _ in range(streams):
-            outcome = await generate_one(session, url, body, errors)
+    async def worker(index: int) -> None:
+        for number in range(streams):
+            target = targets[(index + number) % len(targets)]
+            outcome = await generate_one(session, target, body, errors)
             if outcome is not None:
                 per_stream.append(outcome[0])
-                ttft.append(outcome[1])
+                ttft[target].append(outcome[1])
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(index) for index in range(concurrency)))
     seconds = time.perf_counter() - started
     totals = stream_totals("generate", concurrency=concurrency, per_stream=per_stream, errors=errors, seconds=seconds)
-    return GenerateResult(**totals, ttft_ms=ttft)
+    return GenerateResult(**totals, ttft_ms=ttft[url], alt_ttft_ms=ttft[alt_url] if alt_url else [])
 
 
 async def first_token(session: aiohttp.ClientSession, url: str, body: bytes) -> FirstTokenResult:
@@ -512,7 +523,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 session, url, body, streams=args.streams, hold=args.hold, open_timeout=args.open_timeout
             )
         elif args.mode == "generate":
-            result = await generate(session, url, body, concurrency=args.concurrency, streams=args.streams)
+            alt_url = args.alt_url.rstrip("/") + "/v1/chat/completions" if args.alt_url else None
+            result = await generate(
+                session, url, body, concurrency=args.concurrency, streams=args.streams, alt_url=alt_url
+            )
         else:
             result = await first_token(session, url, body)
     return dict(result)
@@ -526,6 +540,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         required=True,
         choices=("throughput", "latency", "stream", "open-streams", "first-token", "generate"),
     )
+    parser.add_argument("--alt-url", default=None, help="generate: a second target, alternated with --url per stream")
     parser.add_argument("--model", default="bench", help="the request's `model` field")
     parser.add_argument("--concurrency", type=int, default=32, help="connections (throughput, stream)")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (throughput, stream)")

@@ -5,21 +5,24 @@ the point here: the faults are the thing under test): content-length and chunked
 its end when the server closes, `Connection: close`, a server that dies mid-body, one that closes an idle
 kept-alive connection, one that stalls before or after its headers, a malformed status line, a refused
 port. Each test checks what the client raises (the same aiohttp exception types a `ClientSession` raises)
-and whether the connection went back to the pool.
+and whether the connection went back to the pool. Servers that close a connection after a streamed answer
+are learned and their streamed connections no longer kept, with the real llama-server too (it does so).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict
 
 from llamesh_proxy import upstream_http
-from rig import waiting
+from rig import processes, waiting
 
 Answer = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # (request, writer) → keep the connection
 
@@ -158,6 +161,90 @@ async def test_chunked_body_arrives_piece_by_piece(pool: upstream_http.Pool) -> 
         assert received == b"".join(events)
         response.close()
         assert pool.idle_connections(server.url) == 1
+
+
+def streaming(*, then_close: asyncio.Event | None) -> Answer:
+    """A streamed answer (chunked `text/event-stream`) that says nothing of closing; with `then_close`, the
+    connection is closed after it once the event is set (set at once: as soon as it is written), as
+    llama-server does a few milliseconds after a stream. Other requests get `OK`."""
+
+    async def answer(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        if b'"stream":true' not in request:
+            writer.write(OK)
+            return True
+        event = b'data: {"n":1}\n\n'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+        await writer.drain()
+        if then_close is None:
+            return True
+        await then_close.wait()
+        return False
+
+    return answer
+
+
+async def ask_stream(pool: upstream_http.Pool, url: str) -> None:
+    response = await pool.request(
+        "POST",
+        url,
+        "/v1/chat/completions",
+        headers=CIMultiDict({"Content-Type": "application/json"}),
+        body=b'{"stream":true}',
+        total_s=None,
+        read_timeout_s=None,
+    )
+    assert response.event_stream
+    assert await response.read() == b'data: {"n":1}\n\n'
+    response.close()
+
+
+async def test_a_server_that_closes_after_streams_is_learned_from_the_closed_idle_connection(
+    pool: upstream_http.Pool,
+) -> None:
+    closing = asyncio.Event()
+    closing.set()
+    async with upstream(streaming(then_close=closing)) as server:
+        await ask_stream(pool, server.url)
+        assert not pool.closes_after_streams(server.url)
+        await waiting.eventually(lambda: pool.idle_connections(server.url) == 0, within_s=10, what="close seen")
+        await ask_stream(pool, server.url)  # finds the closed one: learns, and connects anew
+        assert pool.closes_after_streams(server.url)
+        assert pool.idle_connections(server.url) == 0  # not kept: this server is about to close it
+        await ask_stream(pool, server.url)
+        assert (pool.connections_opened, server.connections) == (3, 3)
+        response = await ask(pool, server.url)  # other answers are kept as before
+        await response.read()
+        response.close()
+        assert pool.idle_connections(server.url) == 1
+
+
+async def test_a_server_that_closes_after_streams_is_learned_from_the_request_it_drops(
+    pool: upstream_http.Pool,
+) -> None:
+    """The close races the next request: the connection still looks open when it is taken, and the request
+    written on it gets no answer. That request fails (the gateway retries it); the pool learns."""
+    closing = asyncio.Event()
+    async with upstream(streaming(then_close=closing)) as server:
+        await ask_stream(pool, server.url)
+        assert pool.idle_connections(server.url) == 1
+        asking = asyncio.ensure_future(ask(pool, server.url))
+        try:  # taken and written in one step: once it is no longer idle, the request is on its way
+            await waiting.eventually(lambda: pool.idle_connections(server.url) == 0, within_s=10, what="taken")
+        finally:
+            closing.set()  # the server closes instead of answering it
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await asking
+        assert pool.closes_after_streams(server.url)
+
+
+async def test_a_server_that_keeps_connections_after_streams_keeps_them_pooled(pool: upstream_http.Pool) -> None:
+    async with upstream(streaming(then_close=None)) as server:
+        for _ in range(3):
+            await ask_stream(pool, server.url)
+            assert pool.idle_connections(server.url) == 1
+        assert (pool.connections_opened, server.connections) == (1, 1)
+        assert not pool.closes_after_streams(server.url)
 
 
 async def test_connection_close_is_not_pooled(pool: upstream_http.Pool) -> None:
@@ -351,3 +438,35 @@ async def test_session_client_speaks_the_same_request() -> None:
             assert response.status == 200 and await response.read() == b'{"ok":true}'
             response.close()
         assert server.requests[0].startswith(b"POST /v1/x HTTP/1.1\r\n")
+
+
+@pytest.mark.real
+async def test_the_real_llama_server_closes_after_streams_and_the_pool_learns_it(
+    tmp_path: Path, llama_server_binary: Path, chat_model: Path, pool: upstream_http.Pool
+) -> None:
+    port = processes.free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(llama_server_binary), "-m", str(chat_model), "--host", "127.0.0.1", "--port", str(port), "-c", "512"]
+    headers = CIMultiDict({"Content-Type": "application/json"})
+
+    async def complete(*, stream: bool) -> bytes:
+        body = json.dumps({"prompt": "Hello", "max_tokens": 3, "stream": stream}).encode()
+        response = await pool.request(
+            "POST", url, "/v1/completions", headers=headers, body=body, total_s=60, read_timeout_s=None
+        )
+        assert response.status == 200 and response.event_stream is stream
+        payload = await response.read()
+        response.close()
+        return payload
+
+    async with processes.running(argv, log_path=tmp_path / "llama-server.log", base_url=url):
+        assert (await complete(stream=True)).endswith(b"data: [DONE]\n\n")
+        assert pool.idle_connections(url) == 1  # it answered keep-alive...
+        # ...and closes the connection a few milliseconds later anyway
+        await waiting.eventually(lambda: pool.idle_connections(url) == 0, within_s=10, what="llama-server's close")
+        await complete(stream=True)  # takes the closed one: learned, a new connection
+        assert pool.closes_after_streams(url)
+        assert pool.idle_connections(url) == 0  # closed by the pool itself this time
+        for _ in range(3):  # non-streamed answers keep their connection
+            await complete(stream=False)
+        assert pool.connections_opened == 3

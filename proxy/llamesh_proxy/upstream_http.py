@@ -11,10 +11,16 @@ types (`ClientConnectorError`, `ServerDisconnectedError`, `ClientPayloadError`, 
 `TimeoutError`) for the same events. What it drops is everything around them.
 
 `Pool` keeps idle keep-alive connections per base URL (`http://host:port`), newest first, and drops one
-idle longer than `keepalive_s` or already closed by the server. A request is written with one `write`:
-the request line, the caller's headers, the `Host`, `Accept`, `Accept-Encoding`, `User-Agent`,
-`Content-Type` and `Content-Length` aiohttp would have added, and the body. A response whose body was read
-to the end on a connection that may stay open goes back to the pool; anything else closes the connection.
+idle longer than `keepalive_s` or already closed by the server. llama-server closes a connection a few
+milliseconds after the end of a streamed (`text/event-stream`) answer, though it answers keep-alive; a
+request that takes such a connection in that window is lost on it. So the pool learns, per base URL, that a
+server closes after streams (an idle connection that came back from a stream is found closed, or fails the
+next request before any answer) and from then on closes those connections itself instead of keeping them.
+
+A request is written with one `write`: the request line, the caller's headers, the `Host`, `Accept`,
+`Accept-Encoding`, `User-Agent`, `Content-Type` and `Content-Length` aiohttp would have added, and the body.
+A response whose body was read to the end on a connection that may stay open goes back to the pool; anything
+else closes the connection.
 
 Not here: TLS (instance URLs are plain `http://`; `https://` is refused), proxies, redirects, cookies,
 decompression (the gateway relays bytes undecoded), request bodies other than bytes, retries (the caller
@@ -26,9 +32,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import sys
 import time
 import urllib.parse
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import client_proto, client_reqrep, helpers, http_exceptions, streams
@@ -42,7 +50,18 @@ READ_BUFSIZE = 2**16  # ClientSession's default read_bufsize
 MAX_IDLE_PER_HOST = 256
 TIMEOUT_CEIL_THRESHOLD = 5.0
 USER_AGENT = f"Python/{sys.version_info[0]}.{sys.version_info[1]} aiohttp/{aiohttp.__version__}"
+logger = logging.getLogger(__name__)
+# How a kept connection the server has closed fails the request written on it: a clean close, or a reset.
+_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 _AUTO_HEADERS = (("accept", "*/*"), ("accept-encoding", "gzip, deflate"), ("user-agent", USER_AGENT))
+
+
+class _Idle(NamedTuple):
+    """A kept connection: since when, and whether it came back from a streamed answer."""
+
+    since: float
+    protocol: client_proto.ResponseHandler
+    after_stream: bool
 
 
 class UpstreamResponseError(aiohttp.ClientResponseError):
@@ -95,7 +114,18 @@ class Response:
     """One upstream answer: status and headers, and the body to read (`read` or `readany`). `close` hands
     the connection back to the pool when the body was read to its end, and closes it otherwise."""
 
-    __slots__ = ("_deadline", "_handle", "_origin", "_payload", "_pool", "_protocol", "content", "headers", "status")
+    __slots__ = (
+        "_deadline",
+        "_handle",
+        "_origin",
+        "_payload",
+        "_pool",
+        "_protocol",
+        "content",
+        "event_stream",
+        "headers",
+        "status",
+    )
 
     def __init__(
         self,
@@ -118,6 +148,7 @@ class Response:
         self._deadline = deadline
         self.status = status
         self.headers = headers
+        self.event_stream = headers.get("Content-Type", "").startswith("text/event-stream")
 
     async def readany(self) -> bytes:
         """The next piece of the body as it arrives; b"" at its end."""
@@ -142,7 +173,7 @@ class Response:
         if self._deadline is not None:
             self._deadline.cancel()
         if self._payload.is_eof() and self._payload.exception() is None and not protocol.should_close:
-            self._pool.put_back(self._origin, protocol)
+            self._pool.put_back(self._origin, protocol, after_stream=self.event_stream)
         else:
             protocol.close()
 
@@ -154,7 +185,9 @@ class Pool:
         self._keepalive_s = keepalive_s
         self._connect_timeout_s = connect_timeout_s
         self._origins: dict[str, _Origin] = {}
-        self._idle: dict[_Origin, collections.deque[tuple[float, client_proto.ResponseHandler]]] = {}
+        self._idle: dict[_Origin, collections.deque[_Idle]] = {}
+        self._closes_after_streams: set[_Origin] = set()
+        self.connections_opened = 0  # for tests and the curious
         self._closed = False
 
     async def request(
@@ -182,10 +215,12 @@ class Pool:
         deadline = handle.start()
         timer = handle.timer()
         try:
-            protocol = self._take(origin)  # not `or`: a ResponseHandler is a queue, falsy while empty
-            if protocol is None:
+            idle = self._take(origin)
+            if idle is None:
                 with timer:
                     protocol = await self._connect(loop, origin)
+            else:
+                protocol = idle.protocol
             try:
                 head = request_head(method, target, origin_host=origin.host_header, headers=headers, length=len(body))
                 protocol.set_response_params(
@@ -215,8 +250,10 @@ class Pool:
                 raise UpstreamResponseError(
                     _request_info(method, base_url + target), (), status=exc.code, message=exc.message
                 ) from exc
-            except BaseException:
+            except BaseException as exc:
                 protocol.close()
+                if idle is not None and idle.after_stream and isinstance(exc, _DROPPED):
+                    self._learn_closes_after_streams(origin)
                 raise
         except BaseException:
             handle.close()
@@ -234,17 +271,33 @@ class Pool:
             deadline=deadline,
         )
 
-    def _take(self, origin: _Origin) -> client_proto.ResponseHandler | None:
+    def _take(self, origin: _Origin) -> _Idle | None:
         idle = self._idle.get(origin)
         if not idle:
             return None
         oldest_kept = time.monotonic() - self._keepalive_s
         while idle:
-            since, protocol = idle.pop()
-            if since >= oldest_kept and _reusable(protocol):
-                return protocol
-            protocol.close()
+            entry = idle.pop()
+            if entry.since >= oldest_kept and _reusable(entry.protocol):
+                return entry
+            if entry.after_stream and not entry.protocol.is_connected():
+                self._learn_closes_after_streams(origin)
+            entry.protocol.close()
         return None
+
+    def _learn_closes_after_streams(self, origin: _Origin) -> None:
+        if origin not in self._closes_after_streams:
+            self._closes_after_streams.add(origin)
+            logger.info(
+                "http://%s closes connections after streamed answers: not keeping them",
+                origin.host_header,
+                extra={"event": "upstream_closes_after_streams", "upstream": f"http://{origin.host_header}"},
+            )
+
+    def closes_after_streams(self, base_url: str) -> bool:
+        """Whether the pool learned that `base_url` closes a connection after a streamed answer."""
+        origin = self._origins.get(base_url)
+        return origin is not None and origin in self._closes_after_streams
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, origin: _Origin) -> client_proto.ResponseHandler:
         try:
@@ -256,31 +309,32 @@ class Pool:
             raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host http://{origin.host_header}") from None
         except OSError as exc:
             raise aiohttp.ClientConnectorError(origin.key, exc) from exc
+        self.connections_opened += 1
         return protocol
 
-    def put_back(self, origin: _Origin, protocol: client_proto.ResponseHandler) -> None:
-        if self._closed or not protocol.is_connected():
+    def put_back(self, origin: _Origin, protocol: client_proto.ResponseHandler, *, after_stream: bool = False) -> None:
+        if self._closed or not protocol.is_connected() or (after_stream and origin in self._closes_after_streams):
             protocol.close()
             return
         idle = self._idle.get(origin)
         if idle is None:
             idle = self._idle[origin] = collections.deque()
         now = time.monotonic()
-        while idle and (now - idle[0][0] > self._keepalive_s or len(idle) >= MAX_IDLE_PER_HOST):
-            idle.popleft()[1].close()
-        idle.append((now, protocol))
+        while idle and (now - idle[0].since > self._keepalive_s or len(idle) >= MAX_IDLE_PER_HOST):
+            idle.popleft().protocol.close()
+        idle.append(_Idle(now, protocol, after_stream))
 
     def idle_connections(self, base_url: str) -> int:
         """Idle connections kept for `base_url` (for tests and the curious)."""
         origin = self._origins.get(base_url)
         idle = self._idle.get(origin) if origin is not None else None
-        return sum(1 for _since, protocol in idle if _reusable(protocol)) if idle else 0
+        return sum(1 for entry in idle if _reusable(entry.protocol)) if idle else 0
 
     async def close(self) -> None:
         self._closed = True
         for idle in self._idle.values():
-            for _since, protocol in idle:
-                protocol.close()
+            for entry in idle:
+                entry.protocol.close()
         self._idle.clear()
 
 
