@@ -11,8 +11,17 @@ one server, one model load and one prompt cache. In rounds whose order alternate
 mode runs against each path at each concurrency (1, 4, 8 workers, each reading streams of 64 tokens one
 after another) and reports aggregate tokens/s and every stream's time to first token. Around each run the CPU
 seconds of the gateway process and of llama-server are sampled, so a lower rate can be told apart from CPU the
-gateway took from generation. Medians over the rounds; the verdicts are issue 11's: gateway >= 0.98x direct
-tokens/s and <= 2 ms added TTFT (median of the per-run medians) at every concurrency.
+gateway took from generation. Medians over the rounds.
+
+Time to first token is then measured a second way, paired: at each concurrency the workers alternate
+between direct and the gateway stream by stream (half of them start with each), so that both paths meet the
+same batches, the same load and the same moment; added TTFT = the gateway's median minus direct's, with a
+95% bootstrap interval. In the separate runs the workers of a run finish their streams together and send
+the next ones together, while through a relay they arrive spread out and join a batch under way: a
+difference of tens of milliseconds at 4 and 8 streams that belongs to the harness, not to the path.
+
+The verdicts are issue 11's: gateway >= 0.98x direct tokens/s (separate runs) and <= 2 ms added TTFT
+(paired) at every concurrency.
 
 Nothing is pinned: llama-server uses every core it has, which is what a deployment does; on a 2-core machine
 the gateway and the load generator take CPU from generation, which is part of what this measures.
@@ -24,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -41,6 +51,8 @@ CONCURRENCY = (1, 4, 8)
 TARGETS = ["direct", "relay", "gateway"]  # relay: bench/bare_relay.py in front of the same llama-server
 TOKENS = 64
 STREAMS_PER_WORKER = {1: 4, 4: 2, 8: 2}  # a few seconds per run on an idle 2-core machine
+PAIRED_STREAMS_PER_WORKER = {1: 60, 4: 24, 8: 16}  # 30 / 48 / 64 streams per path; about a minute each
+BOOTSTRAP_RESAMPLES = 2000
 MIN_RATIO = 0.98
 MAX_ADDED_TTFT_MS = 2.0
 
@@ -83,10 +95,13 @@ def port_of(process: psutil.Process) -> int:
     return int(argv[argv.index("--port") + 1])
 
 
-async def run_load(url: str, *, concurrency: int, streams: int, tokens: int) -> dict[str, Any]:
+async def run_load(
+    url: str, *, concurrency: int, streams: int, tokens: int, alt_url: str | None = None
+) -> dict[str, Any]:
     argv = [
         *(sys.executable, str(servers.LOAD), "--url", url, "--mode", "generate", "--model", MODEL),
         *("--concurrency", str(concurrency), "--streams", str(streams), "--max-tokens", str(tokens)),
+        *(("--alt-url", alt_url) if alt_url else ()),
     ]
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -119,6 +134,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "tokens": args.tokens,
         "rounds": args.rounds,
         "runs": [],
+        "paired": [],
     }
     gateway = await servers.start(
         "gateway",
@@ -166,6 +182,21 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         load_average=os.getloadavg(),
                     )
                     results["runs"].append(result)
+        for concurrency in args.concurrency:
+            say(f"paired: direct and gateway alternating stream by stream, {concurrency} concurrent")
+            streams = max(2, round(PAIRED_STREAMS_PER_WORKER.get(concurrency, 16) * args.paired_scale))
+            result = await run_load(
+                urls["direct"], concurrency=concurrency, streams=streams, tokens=args.tokens, alt_url=urls["gateway"]
+            )
+            results["paired"].append(
+                {
+                    "concurrency": concurrency,
+                    "direct_ttft_ms": result["ttft_ms"],
+                    "gateway_ttft_ms": result["alt_ttft_ms"],
+                    "errors": result["errors"],
+                    "first_error": result["first_error"],
+                }
+            )
         results["gateway_log_tail"] = gateway.log_tail(10)
     finally:
         for server in reversed(started):
@@ -205,8 +236,12 @@ def summarize(results: dict[str, Any], *, concurrencies: list[int]) -> None:
                 if cell["ttft_ms"] is not None and direct["ttft_ms"] is not None
                 else None
             )
+        paired = next((p for p in results.get("paired", []) if p["concurrency"] == concurrency), None)
+        if paired is not None:
+            row["paired"] = paired_difference(paired["direct_ttft_ms"], paired["gateway_ttft_ms"])
         table[str(concurrency)] = row
-        ratio, added = row["gateway"]["ratio"], row["gateway"]["added_ttft_ms"]
+        ratio = row["gateway"]["ratio"]
+        added = row["paired"]["added_ms"] if paired is not None else row["gateway"]["added_ttft_ms"]
         checks.append(
             {
                 "name": f"{concurrency} streams: tokens/s, gateway / direct",
@@ -224,6 +259,28 @@ def summarize(results: dict[str, Any], *, concurrencies: list[int]) -> None:
             }
         )
     results["table"], results["checks"] = table, checks
+
+
+def paired_difference(direct: list[float], gateway: list[float], *, seed: int = 11) -> dict[str, Any]:
+    """Medians of both paths' TTFTs, the gateway's minus direct's, and its 95% bootstrap interval
+    (both samples resampled with replacement; seeded, so a result file always renders the same)."""
+    direct = [value for value in direct if value == value]  # NaN: a stream with no content event
+    gateway = [value for value in gateway if value == value]
+    if not direct or not gateway:
+        return {"direct_ms": None, "gateway_ms": None, "added_ms": None, "interval_ms": None, "samples": [0, 0]}
+    rng = random.Random(seed)
+    differences = sorted(
+        statistics.median(rng.choices(gateway, k=len(gateway))) - statistics.median(rng.choices(direct, k=len(direct)))
+        for _ in range(BOOTSTRAP_RESAMPLES)
+    )
+    low, high = differences[int(0.025 * len(differences))], differences[int(0.975 * len(differences)) - 1]
+    return {
+        "direct_ms": statistics.median(direct),
+        "gateway_ms": statistics.median(gateway),
+        "added_ms": statistics.median(gateway) - statistics.median(direct),
+        "interval_ms": [low, high],
+        "samples": [len(direct), len(gateway)],
+    }
 
 
 def _median(values: list[float]) -> float | None:
@@ -256,6 +313,24 @@ def render(results: dict[str, Any]) -> str:
         f"(TTFT: median over rounds of each run's median; {results['rounds']} round(s), {results['tokens']} tokens "
         f"per stream; relay = bench/bare_relay.py; CPU = the relaying process's; errors: {errors})"
     )
+    paired_rows = [(c, row["paired"]) for c, row in results["table"].items() if "paired" in row]
+    if paired_rows:
+        lines.append("")
+        lines.append(
+            f"{'streams':>8}{'direct TTFT':>13}{'gateway TTFT':>14}{'added ms':>10}{'95% interval':>18}{'samples':>10}"
+        )
+        for concurrency, paired in paired_rows:
+            interval = paired["interval_ms"]
+            span = "-" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+            lines.append(
+                f"{concurrency:>8}{number(paired['direct_ms'], 1):>13}{number(paired['gateway_ms'], 1):>14}"
+                f"{number(paired['added_ms'], 2):>10}{span:>18}{'/'.join(map(str, paired['samples'])):>10}"
+            )
+        paired_errors = sum(p["errors"] for p in results.get("paired", []))
+        lines.append(
+            f"(paired: direct and gateway alternating stream by stream in one run per concurrency; medians; "
+            f"errors: {paired_errors})"
+        )
     lines.append("")
     for item in results["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[item["passed"]]
@@ -272,9 +347,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--binary", default=None, help="llama-server to use (default: the build manager's cache)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: a new temporary file)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs)")
+    parser.add_argument(
+        "--paired-scale", type=float, default=1.0, help="scales the paired TTFT runs' streams (default 60/24/16)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 1
+        args.paired_scale = min(args.paired_scale, 0.25)
     return args
 
 

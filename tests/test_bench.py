@@ -447,6 +447,44 @@ def test_generate_counts_only_events_with_content() -> None:
     assert (body["stream"], body["max_tokens"], body["ignore_eos"], body["temperature"]) == (True, 64, True, 0)
 
 
+@shared_loop
+async def test_generate_alternates_two_targets_stream_by_stream(targets: Targets) -> None:
+    """The paired TTFT measurement (bench/real.py): each worker alternates, half of them starting with each
+    target, so both get the same number of streams and each stream's TTFT is filed under its target."""
+    options = ("--model", "bench", "--concurrency", "2", "--streams", "3", "--max-tokens", "4")
+    *_, result = await run_load(targets.direct, "generate", *options, "--alt-url", targets.relay)
+    assert result["errors"] == 0, result["first_error"]
+    assert (len(result["ttft_ms"]), len(result["alt_ttft_ms"])) == (3, 3)
+    assert result["tokens"] == 6 * 4
+    assert all(ttft > 0 for ttft in result["ttft_ms"] + result["alt_ttft_ms"])
+
+
+def test_real_paired_difference_and_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's median TTFT minus direct's, with a bootstrap interval that holds the point estimate,
+    narrows with more samples, and ignores streams without a first token (NaN); the check judges it."""
+    _servers, real = bench_modules(monkeypatch, "servers", "real")
+    direct = [20.0 + (index % 5) * 0.5 for index in range(40)]  # median 21.0
+    gateway = [value + 1.5 for value in direct] + [float("nan")]
+    few, many = real.paired_difference(direct[:10], gateway[:10]), real.paired_difference(direct, gateway)
+    assert many["added_ms"] == pytest.approx(1.5) and many["samples"] == [40, 40]
+    low, high = many["interval_ms"]
+    assert low <= 1.5 <= high
+    assert high - low <= few["interval_ms"][1] - few["interval_ms"][0]
+    assert real.paired_difference([], gateway)["added_ms"] is None
+    runs = [
+        {"target": target, "concurrency": 1, "tokens_per_s": 100.0, "ttft_ms": [ttft], "tokens": 64, "errors": 0,
+         "relay_cpu_s": 0.01, "llama_cpu_s": 1.0}
+        for target, ttft in (("direct", 20.0), ("relay", 30.0), ("gateway", 60.0))
+    ]  # fmt: skip
+    paired = [{"concurrency": 1, "direct_ttft_ms": direct, "gateway_ttft_ms": gateway, "errors": 0}]
+    results: Json = {"runs": runs, "paired": paired, "rounds": 1, "tokens": 64}
+    real.summarize(results, concurrencies=[1])
+    verdicts = {item["name"]: (item["measured"], item["passed"]) for item in results["checks"]}
+    # the separate runs said +40 ms; the verdict is the paired figure's
+    assert verdicts["1 streams: added time to first token, ms"] == (pytest.approx(1.5), True)
+    assert "95% interval" in real.render(results)
+
+
 def test_real_summary_compares_gateway_with_direct(monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/real.py's arithmetic: median tokens/s ratio and the added median TTFT, with the issue's verdicts."""
     _servers, real = bench_modules(monkeypatch, "servers", "real")
