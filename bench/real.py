@@ -182,7 +182,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         load_average=os.getloadavg(),
                     )
                     results["runs"].append(result)
-        for concurrency in args.concurrency:
+        for concurrency in args.concurrency if args.paired_scale > 0 else ():
             say(f"paired: direct and gateway alternating stream by stream, {concurrency} concurrent")
             streams = max(2, round(PAIRED_STREAMS_PER_WORKER.get(concurrency, 16) * args.paired_scale))
             result = await run_load(
@@ -348,7 +348,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: a new temporary file)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs)")
     parser.add_argument(
-        "--paired-scale", type=float, default=1.0, help="scales the paired TTFT runs' streams (default 60/24/16)"
+        "--paired-scale",
+        type=float,
+        default=1.0,
+        help="scales the paired TTFT runs' streams (60/24/16 per worker at 1/4/8); 0 skips them",
     )
     args = parser.parse_args(argv)
     if args.quick:

@@ -52,6 +52,8 @@ def test_request_headers_sent_upstream() -> None:
         (b'data: {"choices":[{"finish_reason":"stop"}],"timings":{"predicted_n":9}}\n\ndata: [DONE]\n\n', 12, 9),
         (b"data: [DONE]\n\n", 11, 8),
         (b"", 0, 0),
+        (b'{"usage":{"completion_tokens":4}}\n\n{"usage":{"completion_tokens":null}}', 0, 4),  # the last *count*
+        (b'{"completion_tokens": 7}' + b" " * forwarder.TAIL_BYTES, 20, 17),  # before the last TAIL_BYTES: unseen
     ],
 )
 def test_completion_tokens(tail: bytes, events: int, expected: int) -> None:

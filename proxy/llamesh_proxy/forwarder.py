@@ -57,9 +57,7 @@ TAIL_CHUNKS = 4
 RERANK_PATHS = ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")
 MAX_REMEMBERED_INSTANCES = 1024
 TAIL_BYTES = 8192
-_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
-_PREDICTED_N = re.compile(rb'"predicted_n"\s*:\s*(\d+)')
-_CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')  # llama-server's timings: prompt tokens its KV cache held
+_NUMBER = re.compile(rb"\s*:\s*(\d+)")  # what follows a key whose value is a count
 _UPSTREAM_FAILURES = (aiohttp.ClientError, TimeoutError, ConnectionError)
 Upstream = upstream_http.Response | aiohttp.ClientResponse  # what either client answers with
 
@@ -75,22 +73,34 @@ class Relay:
     upstream_failed: bool = False
 
 
-def completion_tokens(tail: bytes | memoryview, *, data_events: int = 0) -> int:
-    """Generated tokens from the end of a response: `usage.completion_tokens`, else `timings.predicted_n`.
+def completion_tokens(tail: bytes, *, data_events: int = 0) -> int:
+    """Generated tokens from the end of a response (its last TAIL_BYTES): `usage.completion_tokens`, else
+    `timings.predicted_n`.
 
     For a stream without either, the number of SSE `data:` events less the role, finish and `[DONE]`
     events — an estimate that is exact for llama-server's one-token-per-chunk streams.
     """
-    found = _COMPLETION_TOKENS.findall(tail) or _PREDICTED_N.findall(tail)
-    if found:
-        return int(found[-1])
-    return max(data_events - 3, 0)
+    found = _last_count(tail, b'"completion_tokens"')
+    if found is None:
+        found = _last_count(tail, b'"predicted_n"')
+    return found if found is not None else max(data_events - 3, 0)
 
 
-def cached_tokens(tail: bytes | memoryview) -> int | None:
+def cached_tokens(tail: bytes) -> int | None:
     """Prompt tokens llama-server took from its KV cache (`timings.cache_n`), if the response says."""
-    found = _CACHE_N.findall(tail)
-    return int(found[-1]) if found else None
+    return _last_count(tail, b'"cache_n"')  # llama-server's timings: prompt tokens its KV cache held
+
+
+def _last_count(tail: bytes, key: bytes) -> int | None:
+    """The value of the last `key: <digits>` in the last TAIL_BYTES of `tail`. Searched backwards from the end,
+    where the final event carries it: a regex over the whole tail cost more than the rest of a stream's end
+    (profiled)."""
+    start, end = max(len(tail) - TAIL_BYTES, 0), len(tail)
+    while (at := tail.rfind(key, start, end)) >= 0:
+        if match := _NUMBER.match(tail, at + len(key)):
+            return int(match[1])
+        end = at
+    return None
 
 
 def upstream_headers(
@@ -210,8 +220,8 @@ class Forwarder:
             relay.upstream_failed = True
             raise errors.UpstreamError(f"Failed to read upstream response body: {_describe(exc)}") from None
         if 200 <= upstream.status < 300:
-            relay.tokens = completion_tokens(memoryview(payload)[-TAIL_BYTES:])
-            relay.cached_tokens = cached_tokens(memoryview(payload)[-TAIL_BYTES:])
+            relay.tokens = completion_tokens(payload)  # its last TAIL_BYTES, searched in place
+            relay.cached_tokens = cached_tokens(payload)
         response = web.Response(status=upstream.status, body=payload, headers=self._client_headers(upstream))
         response.headers["X-Request-Id"] = request_id
         return response
