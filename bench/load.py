@@ -22,6 +22,9 @@ Modes (each prints one JSON object as its last stdout line):
   event: llama-server's first (role) and last (finish, usage) events carry none. With `--alt-url`, each
   worker alternates between the two targets stream by stream (half the workers start with each), so both
   are measured under the same batch and load; `ttft_ms` is then `--url`'s streams, `alt_ttft_ms` the other's.
+  With `--together` as well, `--concurrency` / 2 workers each send one stream to each target at the same
+  moment, pair after pair (both join the same batch); the two lists are then aligned pair by pair, NaN
+  where a stream failed.
 
 With `--sync` (throughput, stream), the measured window is announced so that a caller can sample the server
 around exactly the requests counted: once the warm-up's last request has ended (nothing in flight), it prints
@@ -444,6 +447,7 @@ async def generate(
     concurrency: int,
     streams: int,
     alt_url: str | None = None,
+    together: bool = False,
 ) -> GenerateResult:
     errors = Errors()
     per_stream: list[int] = []
@@ -458,8 +462,19 @@ async def generate(
                 per_stream.append(outcome[0])
                 ttft[target].append(outcome[1])
 
+    async def pairs() -> None:
+        for _ in range(streams):
+            outcomes = await asyncio.gather(*(generate_one(session, target, body, errors) for target in targets))
+            for target, outcome in zip(targets, outcomes, strict=True):
+                if outcome is not None:
+                    per_stream.append(outcome[0])
+                ttft[target].append(math.nan if outcome is None else outcome[1])
+
     started = time.perf_counter()
-    await asyncio.gather(*(worker(index) for index in range(concurrency)))
+    if together and alt_url:
+        await asyncio.gather(*(pairs() for _ in range(max(concurrency // 2, 1))))
+    else:
+        await asyncio.gather(*(worker(index) for index in range(concurrency)))
     seconds = time.perf_counter() - started
     totals = stream_totals("generate", concurrency=concurrency, per_stream=per_stream, errors=errors, seconds=seconds)
     return GenerateResult(**totals, ttft_ms=ttft[url], alt_ttft_ms=ttft[alt_url] if alt_url else [])
@@ -525,7 +540,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         elif args.mode == "generate":
             alt_url = args.alt_url.rstrip("/") + "/v1/chat/completions" if args.alt_url else None
             result = await generate(
-                session, url, body, concurrency=args.concurrency, streams=args.streams, alt_url=alt_url
+                session,
+                url,
+                body,
+                concurrency=args.concurrency,
+                streams=args.streams,
+                alt_url=alt_url,
+                together=args.together,
             )
         else:
             result = await first_token(session, url, body)
@@ -541,6 +562,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=("throughput", "latency", "stream", "open-streams", "first-token", "generate"),
     )
     parser.add_argument("--alt-url", default=None, help="generate: a second target, alternated with --url per stream")
+    parser.add_argument("--together", action="store_true", help="generate --alt-url: pairs sent at once")
     parser.add_argument("--model", default="bench", help="the request's `model` field")
     parser.add_argument("--concurrency", type=int, default=32, help="connections (throughput, stream)")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (throughput, stream)")

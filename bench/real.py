@@ -13,12 +13,14 @@ after another) and reports aggregate tokens/s and every stream's time to first t
 seconds of the gateway process and of llama-server are sampled, so a lower rate can be told apart from CPU the
 gateway took from generation. Medians over the rounds.
 
-Time to first token is then measured a second way, paired: at each concurrency the workers alternate
-between direct and the gateway stream by stream (half of them start with each), so that both paths meet the
-same batches, the same load and the same moment; added TTFT = the gateway's median minus direct's, with a
-95% bootstrap interval. In the separate runs the workers of a run finish their streams together and send
-the next ones together, while through a relay they arrive spread out and join a batch under way: a
-difference of tens of milliseconds at 4 and 8 streams that belongs to the harness, not to the path.
+Time to first token is then measured a second way, paired. At one stream the worker alternates between
+direct and the gateway stream by stream; added TTFT = the gateway's median minus direct's. At 2 or more,
+concurrency / 2 workers each send one stream to direct and one to the gateway at the same moment, pair
+after pair, so both streams of a pair join the same batch; added TTFT = the median over pairs of the
+gateway's TTFT minus direct's. Each with a 95% bootstrap interval. In the separate runs the workers of a
+run finish their streams together and send the next ones together, while through a relay they arrive spread
+out and join a batch under way: a difference of tens of milliseconds at 4 and 8 streams that belongs to the
+harness, not to the path.
 
 The verdicts are issue 11's: gateway >= 0.98x direct tokens/s (separate runs) and <= 2 ms added TTFT
 (paired) at every concurrency.
@@ -51,7 +53,7 @@ CONCURRENCY = (1, 4, 8)
 TARGETS = ["direct", "relay", "gateway"]  # relay: bench/bare_relay.py in front of the same llama-server
 TOKENS = 64
 STREAMS_PER_WORKER = {1: 4, 4: 2, 8: 2}  # a few seconds per run on an idle 2-core machine
-PAIRED_STREAMS_PER_WORKER = {1: 60, 4: 24, 8: 16}  # 30 / 48 / 64 streams per path; about a minute each
+PAIRED_STREAMS_PER_WORKER = {1: 60, 4: 40, 8: 24}  # streams per path: 30 alternating; 80 and 96 in pairs
 BOOTSTRAP_RESAMPLES = 2000
 MIN_RATIO = 0.98
 MAX_ADDED_TTFT_MS = 2.0
@@ -96,12 +98,13 @@ def port_of(process: psutil.Process) -> int:
 
 
 async def run_load(
-    url: str, *, concurrency: int, streams: int, tokens: int, alt_url: str | None = None
+    url: str, *, concurrency: int, streams: int, tokens: int, alt_url: str | None = None, together: bool = False
 ) -> dict[str, Any]:
     argv = [
         *(sys.executable, str(servers.LOAD), "--url", url, "--mode", "generate", "--model", MODEL),
         *("--concurrency", str(concurrency), "--streams", str(streams), "--max-tokens", str(tokens)),
         *(("--alt-url", alt_url) if alt_url else ()),
+        *(("--together",) if together else ()),
     ]
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -183,14 +186,22 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     )
                     results["runs"].append(result)
         for concurrency in args.concurrency if args.paired_scale > 0 else ():
-            say(f"paired: direct and gateway alternating stream by stream, {concurrency} concurrent")
+            together = concurrency >= 2
+            design = "in pairs sent together" if together else "alternating stream by stream"
+            say(f"paired: direct and gateway {design}, {concurrency} concurrent")
             streams = max(2, round(PAIRED_STREAMS_PER_WORKER.get(concurrency, 16) * args.paired_scale))
             result = await run_load(
-                urls["direct"], concurrency=concurrency, streams=streams, tokens=args.tokens, alt_url=urls["gateway"]
+                urls["direct"],
+                concurrency=concurrency,
+                streams=streams,
+                tokens=args.tokens,
+                alt_url=urls["gateway"],
+                together=together,
             )
             results["paired"].append(
                 {
                     "concurrency": concurrency,
+                    "together": together,
                     "direct_ttft_ms": result["ttft_ms"],
                     "gateway_ttft_ms": result["alt_ttft_ms"],
                     "errors": result["errors"],
@@ -238,7 +249,9 @@ def summarize(results: dict[str, Any], *, concurrencies: list[int]) -> None:
             )
         paired = next((p for p in results.get("paired", []) if p["concurrency"] == concurrency), None)
         if paired is not None:
-            row["paired"] = paired_difference(paired["direct_ttft_ms"], paired["gateway_ttft_ms"])
+            row["paired"] = paired_difference(
+                paired["direct_ttft_ms"], paired["gateway_ttft_ms"], together=paired.get("together", False)
+            )
         table[str(concurrency)] = row
         ratio = row["gateway"]["ratio"]
         added = row["paired"]["added_ms"] if paired is not None else row["gateway"]["added_ttft_ms"]
@@ -261,25 +274,42 @@ def summarize(results: dict[str, Any], *, concurrencies: list[int]) -> None:
     results["table"], results["checks"] = table, checks
 
 
-def paired_difference(direct: list[float], gateway: list[float], *, seed: int = 11) -> dict[str, Any]:
-    """Medians of both paths' TTFTs, the gateway's minus direct's, and its 95% bootstrap interval
-    (both samples resampled with replacement; seeded, so a result file always renders the same)."""
-    direct = [value for value in direct if value == value]  # NaN: a stream with no content event
-    gateway = [value for value in gateway if value == value]
+def paired_difference(
+    direct: list[float], gateway: list[float], *, together: bool = False, seed: int = 11
+) -> dict[str, Any]:
+    """Medians of both paths' TTFTs, the added TTFT and its 95% bootstrap interval (seeded, so a result file
+    always renders the same). Alternating: the gateway's median minus direct's, both samples resampled.
+    Together: the lists are aligned pair by pair; the median of the pairs' differences, pairs resampled."""
+    if together:
+        pairs = [(d, g) for d, g in zip(direct, gateway, strict=True) if d == d and g == g]  # NaN: no first token
+        direct, gateway = [d for d, _ in pairs], [g for _, g in pairs]
+    else:
+        direct = [value for value in direct if value == value]
+        gateway = [value for value in gateway if value == value]
     if not direct or not gateway:
         return {"direct_ms": None, "gateway_ms": None, "added_ms": None, "interval_ms": None, "samples": [0, 0]}
     rng = random.Random(seed)
-    differences = sorted(
-        statistics.median(rng.choices(gateway, k=len(gateway))) - statistics.median(rng.choices(direct, k=len(direct)))
-        for _ in range(BOOTSTRAP_RESAMPLES)
-    )
-    low, high = differences[int(0.025 * len(differences))], differences[int(0.975 * len(differences)) - 1]
+    if together:
+        differences = [g - d for d, g in zip(direct, gateway, strict=True)]
+        added = statistics.median(differences)
+        estimates = sorted(
+            statistics.median(rng.choices(differences, k=len(differences))) for _ in range(BOOTSTRAP_RESAMPLES)
+        )
+    else:
+        added = statistics.median(gateway) - statistics.median(direct)
+        estimates = sorted(
+            statistics.median(rng.choices(gateway, k=len(gateway)))
+            - statistics.median(rng.choices(direct, k=len(direct)))
+            for _ in range(BOOTSTRAP_RESAMPLES)
+        )
+    low, high = estimates[int(0.025 * len(estimates))], estimates[int(0.975 * len(estimates)) - 1]
     return {
         "direct_ms": statistics.median(direct),
         "gateway_ms": statistics.median(gateway),
-        "added_ms": statistics.median(gateway) - statistics.median(direct),
+        "added_ms": added,
         "interval_ms": [low, high],
         "samples": [len(direct), len(gateway)],
+        "together": together,
     }
 
 
@@ -328,8 +358,8 @@ def render(results: dict[str, Any]) -> str:
             )
         paired_errors = sum(p["errors"] for p in results.get("paired", []))
         lines.append(
-            f"(paired: direct and gateway alternating stream by stream in one run per concurrency; medians; "
-            f"errors: {paired_errors})"
+            f"(paired, one run per concurrency: at 1 stream alternating, added = difference of the medians; "
+            f"at 2+ in pairs sent together, added = median of the pairs' differences; errors: {paired_errors})"
         )
     lines.append("")
     for item in results["checks"]:

@@ -457,6 +457,12 @@ async def test_generate_alternates_two_targets_stream_by_stream(targets: Targets
     assert (len(result["ttft_ms"]), len(result["alt_ttft_ms"])) == (3, 3)
     assert result["tokens"] == 6 * 4
     assert all(ttft > 0 for ttft in result["ttft_ms"] + result["alt_ttft_ms"])
+    # --together: concurrency / 2 workers, each sending its pair at once, pair after pair (aligned lists)
+    options = ("--model", "bench", "--concurrency", "4", "--streams", "3", "--max-tokens", "4")
+    *_, result = await run_load(targets.direct, "generate", *options, "--alt-url", targets.relay, "--together")
+    assert result["errors"] == 0, result["first_error"]
+    assert (len(result["ttft_ms"]), len(result["alt_ttft_ms"])) == (6, 6)
+    assert result["tokens"] == 12 * 4
 
 
 def test_real_paired_difference_and_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -471,6 +477,12 @@ def test_real_paired_difference_and_its_interval(monkeypatch: pytest.MonkeyPatch
     assert low <= 1.5 <= high
     assert high - low <= few["interval_ms"][1] - few["interval_ms"][0]
     assert real.paired_difference([], gateway)["added_ms"] is None
+    # together: the median of the pairs' own differences (pairs with a failed stream left out)
+    noisy = [20.0 + 30.0 * (index % 3) for index in range(40)]  # which batch step a pair joined: +0/+30/+60
+    shifted = [*(value + 0.5 for value in noisy), float("nan")]
+    together = real.paired_difference([*noisy, 21.0], shifted, together=True)
+    assert together["added_ms"] == pytest.approx(0.5) and together["samples"] == [40, 40]
+    assert together["interval_ms"] == [pytest.approx(0.5), pytest.approx(0.5)]  # the spread cancels pair by pair
     runs = [
         {"target": target, "concurrency": 1, "tokens_per_s": 100.0, "ttft_ms": [ttft], "tokens": 64, "errors": 0,
          "relay_cpu_s": 0.01, "llama_cpu_s": 1.0}
