@@ -73,14 +73,14 @@ def test_timestamps_are_datetimes_iso_text_to_the_millisecond() -> None:
         assert formatter._timestamp(created) == expected, created
 
 
-def test_values_the_fast_encoder_refuses_are_still_written() -> None:
-    """orjson writes the line; what it cannot (an int beyond 64 bits, a key not a str) falls back to `json`,
-    and what neither knows is written as its str()."""
+def test_values_json_cannot_encode_are_written_as_text() -> None:
+    """Any value a caller passes is written: what `json` knows as itself, the rest as its str()."""
     formatter = logsetup.JsonFormatter(node_id="n1")
     huge = json.loads(formatter.format(record("big", tokens=2**70, by_slot={1: "a"})))
     assert (huge["tokens"], huge["by_slot"]) == (2**70, {"1": "a"})
     odd = json.loads(formatter.format(record("odd", path=Path("/tmp/x"), started=datetime.date(2026, 12, 2))))
     assert (odd["path"], odd["started"]) == ("/tmp/x", "2026-12-02")
+    assert '"event": "llamesh.test"' in formatter.format(record("spaced"))  # the separators lines always had
 
 
 def test_tracebacks_survive_the_queue() -> None:

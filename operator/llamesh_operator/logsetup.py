@@ -32,8 +32,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from llamesh_api import config
 from llamesh_proxy import requestlog
 
@@ -48,7 +46,7 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._node_id = node_id
         # `json.dumps(entry, default=str)` builds this encoder anew on every call
-        self._encode_strictly = json.JSONEncoder(default=str).encode
+        self._encode = json.JSONEncoder(default=str).encode
         self._second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
 
     def _timestamp(self, created: float) -> str:
@@ -82,10 +80,9 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             entry["exception"] = record.exc_text
-        try:  # ten times faster than the standard library (3.4 -> 0.35 us for a request's line; bench/)
-            return orjson.dumps(entry, default=str).decode()
-        except TypeError:  # what orjson refuses and `json` writes: an int beyond 64 bits, a key not a str
-            return self._encode_strictly(entry)
+        # Not orjson, though ten times faster: its compact separators would change every line's bytes
+        # (`"event":"x"` for `"event": "x"`), which log pipelines and greps match on.
+        return self._encode(entry)
 
 
 class _RecordQueueHandler(logging.handlers.QueueHandler):
