@@ -483,6 +483,8 @@ def test_real_paired_difference_and_its_interval(monkeypatch: pytest.MonkeyPatch
     together = real.paired_difference([*noisy, 21.0], shifted, together=True)
     assert together["added_ms"] == pytest.approx(0.5) and together["samples"] == [40, 40]
     assert together["interval_ms"] == [pytest.approx(0.5), pytest.approx(0.5)]  # the spread cancels pair by pair
+    late = real.paired_difference([20.0] * 9 + [20.0], [20.5] * 9 + [50.5], together=True)  # one pair a step apart
+    assert late["added_ms"] == pytest.approx(0.5) and late["mean_added_ms"] == pytest.approx(3.5)
     runs = [
         {"target": target, "concurrency": 1, "tokens_per_s": 100.0, "ttft_ms": [ttft], "tokens": 64, "errors": 0,
          "relay_cpu_s": 0.01, "llama_cpu_s": 1.0}
