@@ -387,7 +387,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--paired-scale",
         type=float,
         default=1.0,
-        help="scales the paired TTFT runs' streams (60/24/16 per worker at 1/4/8); 0 skips them",
+        help="scales the paired TTFT runs' streams (60 per worker at 1; 40 and 24 pairs at 4 and 8); 0 skips them",
     )
     args = parser.parse_args(argv)
     if args.quick:
