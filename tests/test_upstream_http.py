@@ -247,6 +247,25 @@ async def test_a_server_that_keeps_connections_after_streams_keeps_them_pooled(p
         assert not pool.closes_after_streams(server.url)
 
 
+async def test_a_body_bigger_than_the_buffer_pauses_the_socket_and_resumes_as_it_is_read(
+    pool: upstream_http.Pool,
+) -> None:
+    """Flow control still works with the pool's protocol, which skips aiohttp's resume when nothing is
+    paused: a body over the reader's high-water mark pauses reading, and reading it resumes to the end."""
+    body = bytes(range(256)) * 4096  # 1 MiB, 16 times the read buffer
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % len(body)
+    async with upstream(replying(head + body)) as server:
+        response = await ask(pool, server.url)
+        await waiting.eventually(lambda: response.content._protocol._reading_paused, what="reading paused")
+        received = bytearray()
+        async with asyncio.timeout(30):  # a reader that never resumes would wait forever
+            while chunk := await response.readany():
+                received += chunk
+        assert bytes(received) == body
+        response.close()
+        assert pool.idle_connections(server.url) == 1  # read to the end: kept
+
+
 async def test_connection_close_is_not_pooled(pool: upstream_http.Pool) -> None:
     closing = OK.replace(b"Content-Length", b"Connection: close\r\nContent-Length")
     async with upstream(replying(closing, keep=False)) as server:
