@@ -223,6 +223,30 @@ async def test_a_client_that_does_not_finish_its_headers_is_closed(tmp_path: Pat
         await gs.eventually(lambda: served.open_connections() == 0, what="the connection to be let go")
 
 
+async def test_the_next_request_on_a_kept_alive_connection_must_finish_its_headers_too(tmp_path: Path) -> None:
+    """The header deadline starts with a request's first byte on a kept-alive connection as on a new one
+    (it is armed only when the bytes that arrived do not hold all the headers)."""
+    deadlines = {**FAST_DEADLINES, "idle_timeout_seconds": 300}  # only the header deadline can close it
+    async with serving(tmp_path, **deadlines) as served:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = next(
+                int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            writer.write(b"GET /healthz HTTP/1.1\r\n")  # the next request's line, and no headers
+            started = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), 20) == b""  # closed, without an answer
+            assert time.monotonic() - started < 20  # long before the idle timeout
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
 async def test_a_kept_alive_connection_is_closed_after_the_idle_timeout(tmp_path: Path) -> None:
     async with serving(tmp_path, **FAST_DEADLINES) as served:
         reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
