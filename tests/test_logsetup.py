@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import contextvars
 import datetime
+import enum
 import gzip
 import io
 import json
 import logging
+import math
 import queue
+import random
 import sys
 import threading
 import time
@@ -81,6 +84,128 @@ def test_values_json_cannot_encode_are_written_as_text() -> None:
     odd = json.loads(formatter.format(record("odd", path=Path("/tmp/x"), started=datetime.date(2026, 12, 2))))
     assert (odd["path"], odd["started"]) == ("/tmp/x", "2026-12-02")
     assert '"event": "llamesh.test"' in formatter.format(record("spaced"))  # the separators lines always had
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+class _Shade(enum.StrEnum):
+    DARK = "dark"
+
+
+class _Size(enum.IntEnum):
+    BIG = 3
+
+
+def _random_text(rng: random.Random) -> str:
+    """ASCII with every control character and DEL, a little non-ASCII and a lone surrogate now and then."""
+    pool = [chr(code) for code in range(128)] + ["é", "ü", "漢", "🙂", "\u2028", "\ud800"]
+    return "".join(rng.choice(pool) for _ in range(rng.randrange(0, 16)))
+
+
+def _random_value(rng: random.Random) -> object:
+    kind = rng.randrange(9)
+    if kind == 0:
+        return _random_text(rng)
+    if kind == 1:
+        return rng.choice(
+            [0, 1, -1, 2**63 - 1, -(2**63), 2**64 - 1, 2**64, -(2**63) - 1, 2**70, rng.randrange(-(10**12), 10**12)]
+        )
+    if kind == 2:
+        return rng.choice([True, False, None])
+    if kind == 3:  # every magnitude, the tiny ones that orjson writes differently included
+        return rng.choice([1, -1]) * 10 ** rng.uniform(-330, 308)
+    if kind == 4:
+        return rng.choice(
+            [0.0, -0.0, 1e-4, 9.99e-5, 1e16, 1e-5, math.nan, math.inf, -math.inf, round(rng.uniform(0, 1e5), 1)]
+        )
+    if kind == 5:
+        return rng.choice([Path("/tmp/x"), datetime.date(2026, 12, 2), logging.INFO, {"nested": [1, "two"]}, [1, 2.5]])
+    if kind == 6:  # enums: json writes a str or int enum as its value and any other as its str()
+        return rng.choice([_Colour.RED, _Shade.DARK, _Size.BIG])
+    if kind == 7:
+        return datetime.datetime(2026, 12, 2, 10, 0, tzinfo=datetime.UTC)
+    return rng.uniform(-1e6, 1e6)
+
+
+def test_json_lines_are_byte_for_byte_what_the_standard_library_writes() -> None:
+    """The fast encoder (orjson for plain values) writes exactly `json.dumps(entry, default=str)`: the same
+    separators, escapes, numbers, and str() for everything else, whichever of the two writes a line."""
+    formatter = logsetup.JsonFormatter(node_id="n1")
+    standard = json.JSONEncoder(default=str).encode
+    rng = random.Random(20261202)
+    for _ in range(20_000):
+        entry = {_random_text(rng) or "k": _random_value(rng) for _ in range(rng.randrange(0, 6))}
+        assert formatter.dumps(entry) == standard(entry), entry
+    for _ in range(20_000):  # lines whose values are all plain: the orjson path
+        entry = {
+            "k": rng.choice([1, -1]) * 10 ** rng.uniform(-4, 308),
+            "s": "".join(chr(rng.randrange(32, 127)) for _ in range(8)),
+        }
+        assert formatter.dumps(entry) == standard(entry), entry
+    request_line = {"event": "request_complete", "status": 200, "duration_ms": 12.3, "stream": False, "model": None}
+    assert formatter.dumps(request_line) == standard(request_line)
+
+
+def test_a_request_line_record_has_every_attribute_a_standard_record_has() -> None:
+    """Request lines' records are made from a template: the same attributes, the clock read per line."""
+    exchange = requestlog.Exchange(request_id="r-9", session_id="s-9", path="/v1/completions", model="m", status=200)
+    before = time.time()
+    handler = ListHandler()
+    logger = logging.getLogger("llamesh.requests")
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    records: list[logging.LogRecord] = []
+    handler.emit = records.append  # type: ignore[method-assign]
+    try:
+        contextvars.Context().run(requestlog.emit, exchange, duration_ms=1.5)
+        exchange.status = 502
+        contextvars.Context().run(requestlog.emit, exchange, duration_ms=2.5)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+    standard = logging.LogRecord("llamesh.requests", logging.INFO, requestlog.__file__, 0, "x", None, None)
+    first, second = records
+    assert set(vars(standard)) <= set(vars(first))
+    assert (first.levelname, first.levelno, first.getMessage()) == ("INFO", logging.INFO, "/v1/completions m -> 200")
+    assert (second.levelname, second.levelno) == ("WARNING", logging.WARNING)
+    assert before <= first.created <= second.created <= time.time()
+    assert first.msecs == int((first.created - int(first.created)) * 1000)
+    assert abs(first.relativeCreated - (first.created - standard.created) * 1000 - standard.relativeCreated) < 1
+    assert (first.filename, first.module, first.args, first.exc_info) == ("requestlog.py", "requestlog", None, None)
+    assert (first.status, second.status, first.duration_ms) == (200, 502, 1.5)
+
+
+def test_a_record_factory_of_the_application_makes_request_lines_too() -> None:
+    made: list[str] = []
+    standard_factory = logging.getLogRecordFactory()
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = standard_factory(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(record.getMessage())
+        return record
+
+    logging.setLogRecordFactory(factory)
+    logger = logging.getLogger("llamesh.requests")
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        exchange = requestlog.Exchange(request_id="r-3", session_id=None, path="/v1/embeddings", model="e", status=200)
+        contextvars.Context().run(requestlog.emit, exchange, duration_ms=1.0)
+    finally:
+        logging.setLogRecordFactory(standard_factory)
+        logger.setLevel(previous_level)
+    assert made == ["/v1/embeddings e -> 200"]
+
+
+def test_the_queue_handler_still_applies_its_filters() -> None:
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    enqueue = logsetup._RecordQueueHandler(records)
+    enqueue.addFilter(lambda record: record.getMessage() != "dropped")
+    assert enqueue.handle(record("kept")) and not enqueue.handle(record("dropped"))
+    assert records.get_nowait().getMessage() == "kept" and records.empty()
 
 
 def test_tracebacks_survive_the_queue() -> None:
