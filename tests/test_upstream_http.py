@@ -266,6 +266,32 @@ async def test_a_body_bigger_than_the_buffer_pauses_the_socket_and_resumes_as_it
         assert pool.idle_connections(server.url) == 1  # read to the end: kept
 
 
+async def test_requests_made_together_are_written_together(pool: upstream_http.Pool) -> None:
+    """Requests made while the loop runs one round of callbacks reach the upstream in one round of writes
+    (it wakes once for them), each on its own connection, each answered."""
+    async with upstream(replying(OK)) as server:
+        warm = [await ask(pool, server.url) for _ in range(4)]  # four connections at once, then idle
+        for response in warm:
+            await response.read()
+            response.close()
+        assert pool.idle_connections(server.url) == 4
+        sends = 0
+        send = pool._send
+
+        def counted() -> None:
+            nonlocal sends
+            sends += 1
+            send()
+
+        pool._send = counted  # type: ignore[method-assign]
+        answers = await asyncio.gather(*(ask(pool, server.url) for _ in range(4)))
+        assert [answer.status for answer in answers] == [200] * 4
+        assert [await answer.read() for answer in answers] == [b'{"ok":true}'] * 4
+        for answer in answers:
+            answer.close()
+        assert sends == 1 and server.connections == 4 and len(server.requests) == 8
+
+
 async def test_connection_close_is_not_pooled(pool: upstream_http.Pool) -> None:
     closing = OK.replace(b"Content-Length", b"Connection: close\r\nContent-Length")
     async with upstream(replying(closing, keep=False)) as server:
