@@ -13,7 +13,9 @@ Covers:
 - the CPU window: run.py's load runner with `--sync` samples the relay and the upstream behind it around the
   measured requests (CPU was spent by both, the result follows the events);
 - the report's CPU arithmetic: CPU ms per 1,000 requests and per 100,000 tokens per run, medians over runs,
-  the gateway / relay CPU check's verdict either way, and the table's rows.
+  the gateway / relay CPU check's verdict either way, and the table's rows;
+- instructions.py: callgrind's dump files read per phase and thread, the idle window netted out, and the
+  whole tool against the relay under valgrind.
 
 Not covered: llamesh's gateway (bench/run.py measures it) and whether any number meets DESIGN.md's budget.
 """
@@ -582,3 +584,40 @@ def test_hotspots_reads_py_spy_raw_output(monkeypatch: pytest.MonkeyPatch) -> No
     assert total == 10
     assert own == [("send (c.py)", 9), ("serve (b.py)", 1)]
     assert within == [("main (a.py)", 10), ("serve (b.py)", 10)]
+
+
+def test_instructions_reads_callgrind_dumps_and_nets_out_the_idle_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/instructions.py: each dump file's trigger, thread and total; per request, a thread's count over
+    the requests less its count over the idle window; per stream, uncorrected."""
+    _servers, instructions = bench_modules(monkeypatch, "servers", "instructions")
+    dumps = []
+    for trigger, thread, total in [("requests", 1, 9_000), ("requests", 2, 600), ("idle", 1, 1_000), ("idle", 2, 100)]:
+        dump = tmp_path / f"callgrind.out.{len(dumps)}-0{thread}"
+        dump.write_text(f"version: 1\nthread: {thread}\ndesc: Trigger: dump {trigger}\nevents: Ir\ntotals: {total}\n")
+        dumps.append(dump)
+    dumps.append(tmp_path / "callgrind.out.9-01")
+    dumps[-1].write_text("version: 1\nthread: 1\ndesc: Trigger: dump streams\ntotals: 50000\n")
+    counts = instructions.read_dumps(dumps)
+    assert counts == {"requests": {1: 9_000, 2: 600}, "idle": {1: 1_000, 2: 100}, "streams": {1: 50_000}}
+    result = instructions.per_request(counts, requests=10, streams=5)
+    assert result["per_request"] == {1: 800.0, 2: 50.0} and result["per_request_total"] == 850.0
+    assert result["per_stream"] == {1: 10_000.0, 2: 0.0}
+
+
+async def test_instructions_counts_the_relay_under_callgrind(tmp_path: Path) -> None:
+    """The whole tool against the bare relay (quick under valgrind): every request answered, the event
+    loop's thread counted, and a 64-token stream costing it more than one non-streamed answer."""
+    out = tmp_path / "instructions.json"
+    argv = [sys.executable, str(BENCH / "instructions.py"), "--target", "relay", "--requests", "20", "--streams", "3"]
+    process = await asyncio.create_subprocess_exec(
+        *argv, "--out", str(out), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 600)
+    assert process.returncode == 0, output.decode()[-2000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == 0
+    loop_thread = result["per_request"]["1"]
+    assert loop_thread > 10_000  # a request through a Python relay is tens of thousands of instructions at least
+    assert result["per_stream"]["1"] > loop_thread
