@@ -72,7 +72,7 @@ class _Protocol(client_proto.ResponseHandler):
     resume reading after every chunk a reader takes while the buffer is below its low-water mark, paused or
     not, and aiohttp's `resume_reading` then feeds the parser an empty chunk and resumes the transport.
     Nothing was paused (neither flow control nor a full buffer paused the transport or the parser) means
-    there is nothing to resume: on a stream that was a fifth of the gateway's time per chunk (bench/,
+    there is nothing to resume: that was 5% of the gateway's time under the streaming load (bench/,
     profiled). A paused protocol resumes exactly as aiohttp's does."""
 
     def resume_reading(self, resume_parser: bool = True) -> None:
@@ -293,8 +293,8 @@ class Pool:
     def _write_soon(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, data: bytes) -> None:
         """Send `data` once the callbacks the loop is running now have run: the requests they make go out
         one after another, so the upstream wakes once for all of them rather than once per request. On a
-        core it shares with the upstream, a write per request as it was made cost the gateway and its
-        upstream a fifth of their CPU per request (bench/: a context switch per request, caches cold)."""
+        core it shares with the upstream, a write per request as it was made cost the gateway 13% and its
+        upstream 24% more CPU per request (bench/README.md, "Fourth pass": woken per request, caches cold)."""
         if not self._unsent:
             loop.call_soon(self._send)
         self._unsent.append((transport, data))
