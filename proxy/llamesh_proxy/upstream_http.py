@@ -293,8 +293,8 @@ class Pool:
     def _write_soon(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, data: bytes) -> None:
         """Send `data` once the callbacks the loop is running now have run: the requests they make go out
         one after another, so the upstream wakes once for all of them rather than once per request. On a
-        core it shares with the upstream, a write per request as it was made cost the gateway 13% and its
-        upstream 24% more CPU per request (bench/README.md, "Fourth pass": woken per request, caches cold)."""
+        core it shares with the upstream, a write per request as it was made cost the gateway 15% and its
+        upstream 31% more CPU per request (bench/README.md, "Fourth pass": woken per request, caches cold)."""
         if not self._unsent:
             loop.call_soon(self._send)
         self._unsent.append((transport, data))
