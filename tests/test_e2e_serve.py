@@ -1,13 +1,14 @@
 """End to end: `llamesh serve` as a real child process, the real llama-server, tiny real GGUF models and the
 unmodified OpenAI Python SDK.
 
-Covers: the first request spawns the instance; chat (streaming and not), completions, embeddings and
-rerank; /v1/models and retrieve agree and show the parsed params; idle eviction stops llama-server;
-two concurrent requests on a 1-slot profile both succeed; a client that disconnects mid-stream leaves
-in-flight at 0 and llama-server's slot free; killing llama-server mid-stream ends the response and the
-next request respawns it; cookbook edits (in place, rename-over, broken) with no failed request on an
-untouched profile; SIGTERM drains and stops every child; a full queue is 503 queue_full; clients leaving while
-queued or before the response headers free everything; a full node stops an idle model to serve another.
+Covers: the first request spawns the instance, and its output reaches the instance's log file; chat
+(streaming and not), completions, embeddings and rerank; /v1/models and retrieve agree and show the parsed
+params; idle eviction stops llama-server; two concurrent requests on a 1-slot profile both succeed; a client
+that disconnects mid-stream leaves in-flight at 0 and llama-server's slot free; killing llama-server
+mid-stream ends the response and the next request respawns it; cookbook edits (in place, rename-over,
+broken) with no failed request on an untouched profile; SIGTERM drains and stops every child; a full queue
+is 503 queue_full; clients leaving while queued or before the response headers free everything; a full node
+stops an idle model to serve another.
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ async def test_openai_sdk_gets_every_endpoint_and_models_agree(
         assert chat.choices[0].message.content
         assert chat.usage is not None and chat.usage.completion_tokens == 8
         assert len(node.llama_servers()) == 1  # the first request spawned it
+
+        def instance_log() -> str:  # llama-server's output, read through childpipe on `llamesh serve`'s uvloop
+            return "".join(path.read_text() for path in (tmp_path / "cache" / "state" / "logs").glob("tiny-default-*"))
+
+        await waiting.eventually(lambda: "stop processing" in instance_log(), what="the request's lines in the log")
+        assert "listening on" in instance_log()
 
         stream = await node.client.chat.completions.create(
             model="tiny:default", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True

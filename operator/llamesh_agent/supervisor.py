@@ -15,9 +15,11 @@ exits before that, or a budget that runs out, fails the attempt; up to `max_atte
 each on a fresh port. Stopping is SIGTERM, then SIGKILL after `stop_grace_s`. `stop()` is final: nothing
 is restarted after it, and a process that exits while being stopped is STOPPED, not EXITED.
 
-The child's stdout and stderr go line by line to a ring buffer (for error messages), through the
-startup-log parser, and to a log file through `childlog`, whose thread does the writing: the event loop
-(shared with the gateway under `llamesh serve`) does no file I/O per line. The file is complete once the
+The child's stdout and stderr share one pipe, read as lines by `childpipe` (eagerly while starting, in
+bursts once READY, so that a serving child's output wakes the event loop, shared with the gateway under
+`llamesh serve`, once per burst and not per piece of a line). Each line goes to a ring buffer (for error
+messages), through the startup-log parser, and to a log file through `childlog`, whose thread does the
+writing: the event loop does no file I/O per line. The file is complete once the
 supervisor reports the child gone. One `asyncio.Lock` per supervisor serialises spawning and stopping.
 
 Not here: restarting after a crash (the instance is reported failed and replaced by the operator and
@@ -33,6 +35,7 @@ import dataclasses
 import datetime
 import enum
 import logging
+import os
 import shlex
 import signal
 import subprocess
@@ -44,11 +47,10 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from llamesh_agent import childlog, launch, orphans, ports, startup_log
+from llamesh_agent import childlog, childpipe, launch, orphans, ports, startup_log
 
 log = logging.getLogger(__name__)
 
-_LINE_LIMIT = 1 << 20
 _READER_DRAIN_S = 2.0
 
 
@@ -296,26 +298,28 @@ class Supervisor:
         self._exited = asyncio.Event()
         self._exit_code = None
         env = await asyncio.to_thread(launch.child_env, self._binary, self._base_env)  # resolves a symlink
+        output, child_output = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdout=child_output,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # a Ctrl-C meant for the agent does not reach its children first
                 preexec_fn=orphans.preexec_fn(),
-                limit=_LINE_LIMIT,
             )
         except OSError as exc:
+            os.close(output)
             self._process = None
             return f"cannot run {self._binary}: {exc.strerror or exc} (attempt {number}/{self._settings.max_attempts})"
+        finally:
+            os.close(child_output)  # the child holds its own copy; the pipe ends when the child's ends
         self._process = process
-        assert process.stdout is not None
         header = (
             f"--- {_now()} attempt {number}/{self._settings.max_attempts}, pid {process.pid}: {shlex.join(command)}"
         )
-        reader = asyncio.create_task(self._read(process.stdout, header=header))
+        reader = asyncio.create_task(self._read(output, header=header))
         self._watcher = asyncio.create_task(self._watch(process, reader))
         return None
 
@@ -397,21 +401,25 @@ class Supervisor:
             )
             self._transition(State.EXITED)
 
-    async def _read(self, stream: asyncio.StreamReader, *, header: str) -> None:
+    async def _read(self, fd: int, *, header: str) -> None:
+        """The child's output, line by line, to the log file, the tail and the startup parser (see childpipe)."""
         log_file = childlog.ChildLog(self._log_path)
         log_file.write(header)
+
+        def on_line(line: str) -> None:
+            log_file.write(line)
+            self._tail.append(line)
+            self._parser.feed(line)
+
         try:
-            while True:
-                try:
-                    raw = await stream.readline()
-                except ValueError:  # a line longer than the limit: asyncio dropped it
-                    raw = b"[llamesh: an over-long line was dropped]\n"
-                if not raw:
-                    return
-                line = raw.decode(errors="replace").rstrip("\r\n")
-                log_file.write(line)
-                self._tail.append(line)
-                self._parser.feed(line)
+            pipe = os.fdopen(fd, "rb", buffering=0)  # the transport owns and closes it
+            transport, output = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: childpipe.LinePipe(on_line, gather=lambda: self._state is State.READY), pipe
+            )
+            try:
+                await output.closed
+            finally:
+                transport.close()
         finally:
             await log_file.close()
 
