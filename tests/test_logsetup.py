@@ -1,5 +1,6 @@
 """Process logging: one JSON object per line with the seed's minimum fields, `extra` fields kept as keys,
-tracebacks rendered; the batch writer hands every queued record to the handlers and drains on stop.
+tracebacks rendered; the batch writer hands every queued record to the handlers and drains on stop, and does
+not wake while nothing is logged.
 
 Also: through `configure`, every line (ours, aiohttp's, kopf's, a Python warning) is one flat JSON object
 with a real `event`, the same on stderr and in the file; lines logged during a gateway request carry its
@@ -230,6 +231,36 @@ def test_batch_writer_writes_everything_and_drains_on_stop() -> None:
         records.put(record(f"m{index}"))
     writer.stop()
     assert [json.loads(line)["message"] for line in sink.lines] == [f"m{index}" for index in range(5)]
+
+
+class WatchedQueue(queue.SimpleQueue):  # type: ignore[type-arg]
+    """Counts the writer's non-blocking reads: each is a wake-up."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+
+    def get_nowait(self) -> logging.LogRecord:
+        self.polls += 1
+        return super().get_nowait()  # type: ignore[no-any-return]
+
+
+def test_batch_writer_sleeps_while_nothing_is_logged_and_writes_a_batch_soon_after_it_starts() -> None:
+    records = WatchedQueue()
+    sink = ListHandler()
+    sink.setFormatter(logsetup.JsonFormatter(node_id="n"))
+    writer = logsetup._BatchWriter(records, [sink], interval=0.01)
+    writer.start()
+    try:
+        time.sleep(0.3)  # thirty intervals with nothing logged
+        assert records.polls == 0
+        records.put(record("first"))
+        records.put(record("second"))
+        deadline = time.monotonic() + 30
+        while len(sink.lines) < 2 and time.monotonic() < deadline:  # written without a stop
+            time.sleep(0.01)
+        assert [json.loads(line)["message"] for line in sink.lines] == ["first", "second"]
+    finally:
+        writer.stop()
 
 
 class CountingStream(io.StringIO):

@@ -142,12 +142,16 @@ class _RecordQueueHandler(logging.handlers.QueueHandler):
         return record
 
 
+_STOP = logging.makeLogRecord({"msg": "llamesh-log-writer: stop"})  # a marker on the queue, never written
+
+
 class _BatchWriter(threading.Thread):
-    """Writes queued records in batches every `interval` seconds.
+    """Writes queued records in batches: the first record wakes it, it waits `interval` seconds for more,
+    then writes them all; with nothing logged it does not wake at all.
 
     A listener that wakes per record trades the GIL with the event loop on every request; on a one-core
-    gateway that cost more than half the streaming throughput (bench/, measured). Waking a few times a
-    second keeps the write off the loop without that cost.
+    gateway that cost more than half the streaming throughput (bench/, measured). Waking at most a few
+    times a second keeps the write off the loop without that cost.
     """
 
     def __init__(
@@ -160,25 +164,32 @@ class _BatchWriter(threading.Thread):
         self._stopped = threading.Event()
 
     def run(self) -> None:
-        while not self._stopped.wait(self._interval):
-            self._drain()
-        self._drain()
+        while True:
+            first = self._records.get()  # blocks while nothing is logged
+            if first is not _STOP:
+                self._stopped.wait(self._interval)  # what else comes meanwhile goes in the same batch
+            if not self._drain([first]):
+                return
 
     def stop(self) -> None:
         self._stopped.set()
+        self._records.put(_STOP)
         self.join(timeout=5)
         for handler in self._handlers:
             handler.close()
 
-    def _drain(self) -> None:
-        batch: list[logging.LogRecord] = []
+    def _drain(self, batch: list[logging.LogRecord]) -> bool:
+        """Write `batch` and everything queued behind it; False once the stop marker was among them."""
         with contextlib.suppress(queue.Empty):
             while True:
                 batch.append(self._records.get_nowait())
-        if not batch:
-            return
+        running = not any(record is _STOP for record in batch)
+        if not running:
+            batch = [record for record in batch if record is not _STOP]
         for handler in self._handlers:
             wanted = [record for record in batch if record.levelno >= handler.level]
+            if not wanted:
+                continue
             if type(handler) is logging.StreamHandler:
                 _write_joined(handler, wanted)
             else:  # file handlers decide about rotation per record
@@ -188,6 +199,7 @@ class _BatchWriter(threading.Thread):
                 handler.flush()
             except (OSError, ValueError):  # a closed or broken stream: `handle` reports it, the thread lives on
                 continue
+        return running
 
 
 def _write_joined(handler: logging.StreamHandler[Any], records: list[logging.LogRecord]) -> None:
