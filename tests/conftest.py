@@ -9,17 +9,43 @@ it (minutes; progress goes to the terminal); later runs reuse it in seconds.
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from llamesh_agent import build
 from llamesh_api import loading
+from llamesh_operator import planning
 from rig import apiserver, tiny_models
 
 ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(autouse=True)
+def the_planner_only_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every `planning.plan` call in every test (direct, or a controller's pass) is checked to leave the world
+    it was given as it found it: on bare metal the operator hands the planner the in-memory store's own
+    objects (`MemoryStore.view`), so a planner that changed one would change the store. A controller's loop
+    logs a failed pass and goes on, so a change is collected here and fails the test at its end."""
+    plan = planning.plan
+    changed: list[str] = []
+
+    def dump(world: planning.World) -> list[dict[str, Any]]:
+        return [obj.model_dump() for obj in (*world.models, *world.instances, *world.nodes)]
+
+    def checked(world: planning.World, *, now: Any) -> list[planning.Action]:
+        before = dump(world)
+        actions = plan(world, now=now)
+        if dump(world) != before:
+            changed.append(f"planning.plan changed objects of its world (at {now})")
+        return actions
+
+    monkeypatch.setattr(planning, "plan", checked)
+    yield
+    assert not changed, changed
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -107,6 +107,37 @@ async def test_the_world_source_is_injectable() -> None:
     assert any(action.__class__.__name__ == "Create" for action in actions)
 
 
+async def test_over_the_memory_store_a_pass_reads_the_stored_objects_which_no_write_changes_in_place() -> None:
+    memory, recorded = store.MemoryStore(), Recorded()
+    await memory.create(model(min_instances=1))
+    await ready_node(memory)
+    first = memory.view(resources.LlamaModel)
+    assert first[0] is memory.view(resources.LlamaModel)[0]  # not a copy: the point of a view
+    observed = await controller.world_source(memory)()
+    assert observed.models[0] is first[0] and observed.nodes[0] is memory.view(resources.LlamaNode)[0]
+    assert [a.__class__.__name__ for a in await make(memory, recorded).reconcile_once()] == ["Create", "SetModelStatus"]
+
+    await memory.patch(resources.LlamaModel, "m", {"metadata": {"labels": {"team": "a"}}})
+    await memory.patch_status(resources.LlamaNode, "n1", {"ready": False})
+    assert first[0].metadata.labels == {} and observed.nodes[0].status.ready  # what was viewed stays as it was
+    assert memory.view(resources.LlamaModel)[0].metadata.labels == {"team": "a"}
+    assert not memory.view(resources.LlamaNode)[0].status.ready
+    (created,) = memory.view(resources.LlamaInstance)
+    await memory.delete(resources.LlamaInstance, created.name)
+    assert created.metadata.deletion_timestamp is None and memory.view(resources.LlamaInstance) == []
+    listed = await controller.world_source(store_without_view(memory))()  # any other store is listed: copies
+    assert listed.models == memory.view(resources.LlamaModel)
+    assert listed.models[0] is not memory.view(resources.LlamaModel)[0]
+
+
+def store_without_view(memory: store.MemoryStore) -> store.Store:
+    class Listed:  # a Store that is not a MemoryStore (as the Kubernetes one is not)
+        get, list, create, patch = memory.get, memory.list, memory.create, memory.patch
+        patch_status, delete, watch = memory.patch_status, memory.delete, memory.watch
+
+    return Listed()  # type: ignore[return-value]
+
+
 # --- more of what a pass does ------------------------------------------------------------------
 
 

@@ -37,12 +37,14 @@ the API server's rules, so a bare-metal test catches what a real server would re
 Binding is a spec write alone: an instance with `spec.nodeName` set and still `Pending` is the agent's to
 start (`LlamaInstance.phase` reads it as `Scheduled`).
 
-Objects handed out are copies: mutating one never changes the store.
+Objects handed out are copies: mutating one never changes the store (`MemoryStore.view`, for readers that
+only read, is the one exception).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import dataclasses
 import datetime
@@ -227,6 +229,13 @@ class MemoryStore:
     async def list(self, kind: type[R]) -> Listing[R]:
         items = [_copy(obj) for obj in self._objects.get(kind.kind_name, {}).values()]
         return Listing(items, str(self._version))  # type: ignore[arg-type]
+
+    def view(self, kind: type[R]) -> builtins.list[R]:
+        """The stored objects of `kind` themselves, not copies, for a reader that only reads (the operator's
+        planner, once a second and on every change). A write never changes a stored object in place — it
+        stores a new one — so a view keeps showing what was stored when it was taken; changing an object of
+        it would change the store behind its rules, so `list` is for anyone who may."""
+        return list(self._objects.get(kind.kind_name, {}).values())  # type: ignore[arg-type]
 
     async def create(self, obj: R) -> R:
         bucket = self._objects.setdefault(obj.kind_name, {})

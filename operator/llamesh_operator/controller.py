@@ -1,8 +1,9 @@
 """The operator's reconcile loop over a Store: read the world, `planning.plan` it, apply the actions.
 
 Level-triggered: it runs on every change its informers report and on a timer, and each run starts from what
-the store holds now (a fresh list, not the informers' caches, so a pass never acts twice on a world that
-its own last write already changed), so a missed event or a restart costs nothing. Applying an action that
+the store holds now (a fresh list, or the in-memory store's objects in place, not the informers' caches, so a
+pass never acts twice on a world that its own last write already changed), so a missed event or a restart
+costs nothing. Applying an action that
 raced with another writer (the object is gone or changed) is skipped; the next run sees the new world.
 
 It writes only what the operator owns (`store`'s table): `spec.nodeName` (binding — a spec write alone),
@@ -56,7 +57,7 @@ class Observed:
 
 
 class WorldSource(Protocol):
-    """Where a pass reads the world from (the seam: a fresh listing by default, caches if they are enough)."""
+    """Where a pass reads the world from (the seam: `world_source` by default, caches if they are enough)."""
 
     async def __call__(self) -> Observed: ...
 
@@ -74,6 +75,25 @@ def listing(resource_store: store.Store) -> WorldSource:
     return observe
 
 
+def viewing(memory: store.MemoryStore) -> WorldSource:
+    """The in-memory store's objects as they are now, without copying them (`MemoryStore.view`): as fresh as
+    a listing, and the planner only reads. On `llamesh serve` the copies were most of an idle pass's cost."""
+
+    async def observe() -> Observed:
+        return Observed(
+            models=memory.view(resources.LlamaModel),
+            instances=memory.view(resources.LlamaInstance),
+            nodes=memory.view(resources.LlamaNode),
+        )
+
+    return observe
+
+
+def world_source(resource_store: store.Store) -> WorldSource:
+    """How a pass reads the world by default: the in-memory store in place, any other store listed."""
+    return viewing(resource_store) if isinstance(resource_store, store.MemoryStore) else listing(resource_store)
+
+
 class Controller:
     def __init__(
         self,
@@ -86,7 +106,7 @@ class Controller:
         drain_grace_s: float = planning.DRAIN_GRACE.total_seconds(),
     ) -> None:
         self._store = resource_store
-        self._observe = observe or listing(resource_store)
+        self._observe = observe or world_source(resource_store)
         self._defaults = defaults
         self._interval = interval
         self._record = record
