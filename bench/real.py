@@ -11,10 +11,14 @@ one server, one model load and one prompt cache. In rounds whose order alternate
 mode runs against each path at each concurrency (1, 4, 8 workers, each reading streams of 64 tokens one
 after another) and reports aggregate tokens/s and every stream's time to first token. Around each run the CPU
 seconds of the gateway process and of llama-server are sampled, so a lower rate can be told apart from CPU the
-gateway took from generation. Medians over the rounds.
+gateway took from generation. Medians over the rounds (5 by default). Tokens/s is compared round by round:
+each round's gateway rate over direct's in the same round, whose median the check judges (with a bootstrap
+interval); the rate moves by several percent from one run of a few seconds to the next on a shared 2-core
+machine, and part of that drifts slowly, which a round's pair of runs shares.
 
 Time to first token is then measured a second way, paired. At one stream the worker alternates between
-direct and the gateway stream by stream; added TTFT = the gateway's median minus direct's. At 2 or more,
+direct and the gateway stream by stream (100 streams each, of 8 tokens: nothing after the first token
+matters to it when streams do not overlap); added TTFT = the gateway's median minus direct's. At 2 or more,
 concurrency / 2 workers each send one stream to direct and one to the gateway at the same moment, pair
 after pair, so both streams of a pair join the same batch; added TTFT = the median over pairs of the
 gateway's TTFT minus direct's. Each with a 95% bootstrap interval. In the separate runs the workers of a
@@ -22,7 +26,7 @@ run finish their streams together and send the next ones together, while through
 out and join a batch under way: a difference of tens of milliseconds at 4 and 8 streams that belongs to the
 harness, not to the path.
 
-The verdicts are issue 11's: gateway >= 0.98x direct tokens/s (separate runs) and <= 2 ms added TTFT
+The verdicts are issue 11's: gateway >= 0.98x direct tokens/s (separate runs, per round) and <= 2 ms added TTFT
 (paired) at every concurrency.
 
 Nothing is pinned: llama-server uses every core it has, which is what a deployment does; on a 2-core machine
@@ -52,8 +56,9 @@ CONTEXT_PER_SLOT = 1024  # a short prompt and 64 tokens
 CONCURRENCY = (1, 4, 8)
 TARGETS = ["direct", "relay", "gateway"]  # relay: bench/bare_relay.py in front of the same llama-server
 TOKENS = 64
-STREAMS_PER_WORKER = {1: 4, 4: 2, 8: 2}  # a few seconds per run on an idle 2-core machine
-PAIRED_STREAMS_PER_WORKER = {1: 60, 4: 40, 8: 24}  # streams per path: 30 alternating; 80 and 96 in pairs
+STREAMS_PER_WORKER = {1: 8, 4: 3, 8: 2}  # 4 to 7 seconds per run on an idle 2-core machine
+PAIRED_STREAMS_PER_WORKER = {1: 200, 4: 40, 8: 24}  # streams per path: 100 alternating; 80 and 96 in pairs
+ALTERNATING_TOKENS = 8  # one stream at a time measures its first token only: short streams, more of them
 BOOTSTRAP_RESAMPLES = 2000
 MIN_RATIO = 0.98
 MAX_ADDED_TTFT_MS = 2.0
@@ -194,7 +199,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 urls["direct"],
                 concurrency=concurrency,
                 streams=streams,
-                tokens=args.tokens,
+                tokens=args.tokens if together else min(args.tokens, ALTERNATING_TOKENS),
                 alt_url=urls["gateway"],
                 together=together,
             )
@@ -242,6 +247,9 @@ def summarize(results: dict[str, Any], *, concurrencies: list[int]) -> None:
         for target in TARGETS:
             cell = row[target]
             cell["ratio"] = _ratio(cell["tokens_per_s"], direct["tokens_per_s"])
+            cell["round_ratios"] = round_ratios(results["runs"], target=target, concurrency=concurrency)
+            cell["round_ratio"] = _median(cell["round_ratios"])
+            cell["round_ratio_interval"] = bootstrap_interval(cell["round_ratios"])
             cell["added_ttft_ms"] = (
                 cell["ttft_ms"] - direct["ttft_ms"]
                 if cell["ttft_ms"] is not None and direct["ttft_ms"] is not None
@@ -253,7 +261,7 @@ def summarize(results: dict[str, Any], *, concurrencies: list[int]) -> None:
                 paired["direct_ttft_ms"], paired["gateway_ttft_ms"], together=paired.get("together", False)
             )
         table[str(concurrency)] = row
-        ratio = row["gateway"]["ratio"]
+        ratio = row["gateway"]["round_ratio"]
         added = row["paired"]["added_ms"] if paired is not None else row["gateway"]["added_ttft_ms"]
         checks.append(
             {
@@ -272,6 +280,26 @@ def summarize(results: dict[str, Any], *, concurrencies: list[int]) -> None:
             }
         )
     results["table"], results["checks"] = table, checks
+
+
+def round_ratios(runs: list[dict[str, Any]], *, target: str, concurrency: int) -> list[float]:
+    """Per round, in round order: the target's tokens/s ÷ direct's in the same round. A round's runs follow
+    one another within seconds, so what drifts over minutes (the machine's other work, its clock) cancels in
+    each ratio, where it does not in the ratio of the rounds' medians."""
+    rates: dict[int, dict[str, float]] = {}
+    for run in runs:
+        if run["concurrency"] == concurrency:
+            rates.setdefault(run["round"], {})[run["target"]] = run["tokens_per_s"]
+    return [rate[target] / rate["direct"] for _, rate in sorted(rates.items()) if target in rate and rate.get("direct")]
+
+
+def bootstrap_interval(values: list[float], *, seed: int = 11) -> list[float] | None:
+    """A seeded 95% bootstrap interval of the median of `values` (None for fewer than two)."""
+    if len(values) < 2:
+        return None
+    rng = random.Random(seed)
+    estimates = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP_RESAMPLES))
+    return [estimates[int(0.025 * len(estimates))], estimates[int(0.975 * len(estimates)) - 1]]
 
 
 def paired_difference(
@@ -329,8 +357,8 @@ def render(results: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
     lines = [
-        f"{'streams':>8}{'path':>9}{'tokens/s':>10}{'x direct':>10}{'TTFT ms':>10}{'added ms':>10}"
-        f"{'its CPU ms/100 tok':>20}"
+        f"{'streams':>8}{'path':>9}{'tokens/s':>10}{'x direct':>10}{'per round':>11}{'its interval':>16}"
+        f"{'TTFT ms':>10}{'added ms':>10}{'its CPU ms/100 tok':>20}"
     ]
     errors = 0
     for concurrency, row in results["table"].items():
@@ -338,13 +366,18 @@ def render(results: dict[str, Any]) -> str:
             cell = row[target]
             errors += cell["errors"]
             cpu = None if target == "direct" else cell["cpu_ms_per_100_tokens"]
+            interval = cell.get("round_ratio_interval")
+            span = "-" if target == "direct" or not interval else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
             lines.append(
                 f"{concurrency:>8}{target:>9}{number(cell['tokens_per_s'], 1):>10}{number(cell['ratio'], 3):>10}"
+                f"{number(cell.get('round_ratio'), 3):>11}{span:>16}"
                 f"{number(cell['ttft_ms'], 1):>10}{number(cell['added_ttft_ms'], 2):>10}{number(cpu, 1):>20}"
             )
     lines.append(
-        f"(TTFT: median over rounds of each run's median; {results['rounds']} round(s), {results['tokens']} tokens "
-        f"per stream; relay = bench/bare_relay.py; CPU = the relaying process's; errors: {errors})"
+        f"(x direct: median tokens/s over direct's; per round: median of each round's tokens/s over direct's in "
+        f"the same round, the check's figure, with its 95% bootstrap interval; TTFT: median over rounds of each "
+        f"run's median; {results['rounds']} round(s), {results['tokens']} tokens per stream; relay = "
+        f"bench/bare_relay.py; CPU = the relaying process's; errors: {errors})"
     )
     paired_rows = [(c, row["paired"]) for c, row in results["table"].items() if "paired" in row]
     if paired_rows:
@@ -376,8 +409,8 @@ def render(results: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="one round instead of three")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one round instead of five")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens per stream")
     parser.add_argument("--binary", default=None, help="llama-server to use (default: the build manager's cache)")
@@ -387,7 +420,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--paired-scale",
         type=float,
         default=1.0,
-        help="scales the paired TTFT runs' streams (60 per worker at 1; 40 and 24 pairs at 4 and 8); 0 skips them",
+        help="scales the paired TTFT runs' streams (200 per worker at 1; 40 and 24 pairs at 4 and 8); 0 skips them",
     )
     args = parser.parse_args(argv)
     if args.quick:

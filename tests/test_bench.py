@@ -488,8 +488,8 @@ def test_real_paired_difference_and_its_interval(monkeypatch: pytest.MonkeyPatch
     late = real.paired_difference([20.0] * 9 + [20.0], [20.5] * 9 + [50.5], together=True)  # one pair a step apart
     assert late["added_ms"] == pytest.approx(0.5) and late["mean_added_ms"] == pytest.approx(3.5)
     runs = [
-        {"target": target, "concurrency": 1, "tokens_per_s": 100.0, "ttft_ms": [ttft], "tokens": 64, "errors": 0,
-         "relay_cpu_s": 0.01, "llama_cpu_s": 1.0}
+        {"target": target, "round": 0, "concurrency": 1, "tokens_per_s": 100.0, "ttft_ms": [ttft], "tokens": 64,
+         "errors": 0, "relay_cpu_s": 0.01, "llama_cpu_s": 1.0}
         for target, ttft in (("direct", 20.0), ("relay", 30.0), ("gateway", 60.0))
     ]  # fmt: skip
     paired = [{"concurrency": 1, "direct_ttft_ms": direct, "gateway_ttft_ms": gateway, "errors": 0}]
@@ -502,12 +502,14 @@ def test_real_paired_difference_and_its_interval(monkeypatch: pytest.MonkeyPatch
 
 
 def test_real_summary_compares_gateway_with_direct(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench/real.py's arithmetic: median tokens/s ratio and the added median TTFT, with the issue's verdicts."""
+    """bench/real.py's arithmetic: tokens/s against direct as the ratio of medians and round by round (the
+    verdict's), the added median TTFT, and the issue's verdicts."""
     _servers, real = bench_modules(monkeypatch, "servers", "real")
 
-    def run(target: str, concurrency: int, tokens_per_s: float, ttft: list[float]) -> Json:
+    def run(target: str, concurrency: int, tokens_per_s: float, ttft: list[float], round_index: int = 0) -> Json:
         return {
             "target": target,
+            "round": round_index,
             "concurrency": concurrency,
             "tokens_per_s": tokens_per_s,
             "ttft_ms": ttft,
@@ -518,17 +520,23 @@ def test_real_summary_compares_gateway_with_direct(monkeypatch: pytest.MonkeyPat
         }
 
     runs = [
-        *(run("direct", 1, rate, [20.0, 22.0, 21.0]) for rate in (100.0, 102.0, 98.0)),
-        *(run("relay", 1, rate, [20.5]) for rate in (100.0, 100.0, 100.0)),
-        *(run("gateway", 1, rate, [21.0, 22.5, 22.0]) for rate in (99.0, 101.0, 90.0)),
-        *(run("direct", 4, rate, [40.0]) for rate in (200.0, 200.0, 200.0)),
-        *(run("relay", 4, rate, [41.0]) for rate in (196.0, 196.0, 196.0)),
-        *(run("gateway", 4, rate, [45.0]) for rate in (190.0, 190.0, 190.0)),
+        *(run("direct", 1, rate, [20.0, 22.0, 21.0], i) for i, rate in enumerate((100.0, 110.0, 90.0))),
+        *(run("relay", 1, rate, [20.5], i) for i, rate in enumerate((100.0, 100.0, 100.0))),
+        *(run("gateway", 1, rate, [21.0, 22.5, 22.0], i) for i, rate in enumerate((99.0, 108.0, 80.0))),
+        *(run("direct", 4, rate, [40.0], i) for i, rate in enumerate((200.0, 200.0, 200.0))),
+        *(run("relay", 4, rate, [41.0], i) for i, rate in enumerate((196.0, 196.0, 196.0))),
+        *(run("gateway", 4, rate, [45.0], i) for i, rate in enumerate((190.0, 190.0, 190.0))),
     ]
     results: Json = {"runs": runs, "rounds": 3, "tokens": 64}
     real.summarize(results, concurrencies=[1, 4])
     one, four = results["table"]["1"], results["table"]["4"]
-    assert one["gateway"]["ratio"] == pytest.approx(99.0 / 100.0)
+    assert one["gateway"]["ratio"] == pytest.approx(99.0 / 100.0)  # the medians' ratio, rounds unpaired
+    # round by round: 0.99, 108/110 = 0.982, 80/90 = 0.889; the median passes where the worst round does not
+    assert one["gateway"]["round_ratios"] == pytest.approx([0.99, 108 / 110, 80 / 90])
+    assert one["gateway"]["round_ratio"] == pytest.approx(108 / 110)
+    low, high = one["gateway"]["round_ratio_interval"]
+    assert 80 / 90 <= low <= 108 / 110 <= high <= 0.99
+    assert one["relay"]["round_ratios"] == pytest.approx([1.0, 100 / 110, 100 / 90])
     assert one["gateway"]["added_ttft_ms"] == pytest.approx(1.0)  # medians of the runs' medians: 22.0 - 21.0
     assert one["relay"]["added_ttft_ms"] == pytest.approx(-0.5)
     assert one["gateway"]["cpu_ms_per_100_tokens"] == pytest.approx(10.0)
