@@ -8,6 +8,15 @@ status; a streaming one (`"stream": true`, 2xx) is relayed chunk by chunk as it 
 write so a slow client slows the upstream read (backpressure). SSE is not parsed: the last few chunks are
 kept by reference and searched once at the end for `usage.completion_tokens`.
 
+A stream the upstream sends chunked, to a client whose answer is chunked too (HTTP/1.1), is spliced
+(`_Splice`): while the client keeps up, each complete chunk read from upstream is written on to the client as
+it came, in the callback that read it (`chunked.Dechunker` finds the chunks and their data), without waking
+the relaying task, its reader and aiohttp's writer for every token. That was most of the gateway's CPU per
+token against a real llama-server, where every token arrives on its own (bench/README.md). When the client's
+connection has unsent bytes, chunks go to the upstream answer's `content` instead and the relaying task
+writes them with backpressure as above, until it has caught up; the task ends at the body's end or its
+failure, as before.
+
 Failures: no answer from upstream (refused, reset, timed out) is a 502 `upstream_error`. Once a stream has
 started its status cannot change, so for an upstream that dies mid-stream we send one last SSE event in
 OpenAI's error shape, `data: {"error": {"message", "type": "upstream_error", ...}}` (the OpenAI SDKs raise
@@ -26,13 +35,13 @@ import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from llamesh_proxy import errors, upstream_http
+from llamesh_proxy import chunked, errors, upstream_http
 
 HOP_BY_HOP = frozenset(
     {
@@ -165,6 +174,7 @@ class Forwarder:
                 body=body,
                 total_s=total_s,
                 read_timeout_s=self._sock_read,
+                hold_body=stream,
             )
             if rerank and upstream.status == 404:
                 upstream = await self._rerank_elsewhere(upstream, base_url, path, query, body, headers, total_s)
@@ -232,12 +242,18 @@ class Forwarder:
         response = web.StreamResponse(status=upstream.status, headers=self._client_headers(upstream))
         response.headers.update(STREAM_HEADERS)
         response.headers["X-Request-Id"] = request_id
-        tail: list[bytes] = []
-        events = 0
         failure = ""
         content = upstream.content  # read directly: one coroutine less per chunk
+        splice = _splice_for(request, upstream)
+        relayed = splice.relayed if splice is not None else _Relayed()
+        if splice is not None:
+            response.enable_chunked_encoding()
         try:
             await response.prepare(request)
+            if isinstance(upstream, upstream_http.Response):
+                client = request.transport
+                if splice is None or client is None or not upstream.splice(splice.bind(client)):
+                    upstream.unhold()  # relayed by the task alone
             while True:
                 try:
                     chunk = await content.readany()
@@ -248,15 +264,13 @@ class Forwarder:
                 if not chunk:
                     break
                 await response.write(chunk)  # waits while the client is slow: backpressure
-                tail.append(chunk)
-                if len(tail) > TAIL_CHUNKS:
-                    del tail[0]
-                events += chunk.count(b"data:")
+                relayed.add(chunk)
+                relayed.pending -= len(chunk)
         except ConnectionResetError:
             relay.client_gone = True
             return response
-        ending = b"".join(tail)[-TAIL_BYTES:]
-        relay.tokens = completion_tokens(ending, data_events=events)
+        ending = b"".join(relayed.tail)[-TAIL_BYTES:]
+        relay.tokens = completion_tokens(ending, data_events=relayed.events)
         relay.cached_tokens = cached_tokens(ending)
         if relay.upstream_failed:
             # The status is sent: what is left is an error event, then a truncated body (no final chunk).
@@ -272,6 +286,79 @@ class Forwarder:
         for name in RESPONSE_HEADERS_DROPPED:
             headers.popall(name, None)
         return headers
+
+
+class _Relayed:
+    """A stream's last chunks and its count of `data:` events, from the relaying task and the splice alike;
+    `pending`: bytes the splice handed the task that the task has not written yet."""
+
+    __slots__ = ("events", "pending", "tail")
+
+    def __init__(self) -> None:
+        self.tail: list[bytes] = []
+        self.events = 0
+        self.pending = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.tail.append(chunk)
+        if len(self.tail) > TAIL_CHUNKS:
+            del self.tail[0]
+        self.events += chunk.count(b"data:")
+
+
+def _splice_for(request: web.Request, upstream: Upstream) -> _Splice | None:
+    """A splice when the upstream's body is chunked, and nothing but chunked, and the client's answer can be."""
+    if (
+        isinstance(upstream, upstream_http.Response)
+        and request.version >= aiohttp.HttpVersion11
+        and upstream.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    ):
+        return _Splice(upstream.content)
+    return None
+
+
+class _Splice:
+    """Takes the upstream body's bytes as they arrive (`Response.splice`): writes its complete chunks
+    straight to the client while the client's connection has nothing unsent and the task has caught up, else
+    hands their data to `content` for the relaying task; ends `content` at the body's end, fails it on bytes
+    that are no chunked body."""
+
+    __slots__ = ("_client", "_content", "_dechunker", "relayed")
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+        self._dechunker = chunked.Dechunker()
+        self._client: asyncio.Transport | None = None
+        self.relayed = _Relayed()
+
+    def bind(self, client: asyncio.Transport) -> Callable[[bytes], None]:
+        self._client = client
+        return self.take
+
+    def take(self, data: bytes) -> None:
+        content = self._content
+        if content.exception() is not None:
+            return
+        try:
+            wire, carried = self._dechunker.feed(data)
+        except chunked.ChunkedError as exc:
+            content.set_exception(aiohttp.ClientPayloadError(f"Response payload is not chunked: {exc}"))
+            return
+        if carried:
+            relayed, client = self.relayed, self._client
+            if (
+                relayed.pending == 0
+                and client is not None
+                and not client.get_write_buffer_size()
+                and not client.is_closing()
+            ):
+                client.write(wire)
+                relayed.add(carried)
+            else:
+                relayed.pending += len(carried)
+                content.feed_data(carried)
+        if self._dechunker.done:
+            content.feed_eof()
 
 
 def stream_error_event(failure: str, *, after: bytes) -> bytes:
