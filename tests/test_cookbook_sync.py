@@ -62,7 +62,7 @@ async def test_load_then_hot_reload_in_place_rename_over_and_broken(tmp_path: Pa
             a = await memory.get(resources.LlamaModel, "a")
             return await names(memory) == {"a"} and a is not None and a.spec.profiles[0].model_path == "/a2.gguf"
 
-        await waiting.eventually(a_changed, interval_s=0.2)
+        await waiting.eventually(a_changed, interval_s=0.35)  # not in step with the watcher's 200 ms
 
         # a broken file is refused; the store keeps the last good cookbook
         path.write_text("models:\n  - name: a\n    profiles: [\n")

@@ -21,6 +21,11 @@ from llamesh_api import cookbook, loading, resources, store, writes
 
 log = logging.getLogger(__name__)
 
+# How often watchfiles' thread wakes to look for changes (and its stop event, which takes the GIL): a change
+# is reloaded one to two steps after the last write. Its default, 50 ms, was 13% of `llamesh serve`'s CPU
+# while it relayed one stream from a real llama-server (bench/README.md, "Sixth pass").
+WATCH_STEP_MS = 200
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelChanges:
@@ -89,7 +94,7 @@ class CookbookFile:
 
         # The folder, not the file: an editor's rename-over save replaces the file the watch would hold.
         async for _changes in watchfiles.awatch(
-            self.path.parent, watch_filter=is_cookbook, debounce=debounce_ms, recursive=False
+            self.path.parent, watch_filter=is_cookbook, debounce=debounce_ms, step=WATCH_STEP_MS, recursive=False
         ):
             await self.load()
 
