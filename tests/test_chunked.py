@@ -3,8 +3,8 @@
 Covers: whatever the split of the bytes into reads (every split point of a small body, thousands of random
 splits of bigger ones, with chunk extensions, upper-case and zero-padded sizes, trailers), the forwarded
 bytes are exactly the body's chunks as sent, before its last chunk, and the data exactly what they carry;
-nothing after the end is taken; malformed sizes, a chunk not followed by CRLF, and over-long size lines or
-trailer sections are refused.
+nothing after the end is taken, and what is not answered yet starts at a chunk; malformed sizes, a chunk
+not followed by CRLF, and over-long size lines or trailer sections are refused.
 """
 
 from __future__ import annotations
@@ -80,6 +80,13 @@ def test_nothing_after_the_end_is_taken_and_an_unfinished_chunk_waits() -> None:
     assert dechunker.feed(b"\r\nHTTP/1.1 200 OK\r\n") == (b"", b"")
     assert dechunker.done
     assert dechunker.feed(b"5\r\nhello\r\n") == (b"", b"")
+
+
+def test_what_is_not_answered_yet_starts_at_a_chunk() -> None:
+    dechunker = chunked.Dechunker()
+    assert dechunker.feed(b"5\r\nhello\r\n3\r\nab") == (b"5\r\nhello\r\n", b"hello")
+    assert dechunker.unconsumed() == b"3\r\nab"  # for a parser to go on with
+    assert dechunker.unconsumed() == b""
 
 
 @pytest.mark.parametrize(

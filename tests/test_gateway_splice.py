@@ -2,7 +2,8 @@
 TCP server writing chunked bytes by hand, the client a raw socket that sees the gateway's bytes as they are.
 
 Covers: a chunked stream reaches an HTTP/1.1 client chunk for chunk as the upstream sent it (sizes,
-extensions), ended once by the gateway's own last chunk (no upstream trailers), its tokens counted; a
+extensions), ended once by the gateway's own last chunk (no upstream trailers), its tokens counted; a burst
+of many chunks in one read hands the rest of the body to aiohttp's parser, the client's bytes whole; a
 client that stops reading holds the upstream back (its socket fills) and then gets every byte in order as
 the relay switches between splicing and writing with backpressure; bytes that are no chunked body, and an
 upstream that dies mid-stream, end the stream with the error event and no last chunk; an HTTP/1.0 client is
@@ -156,6 +157,30 @@ async def test_a_chunked_stream_goes_on_as_the_upstream_sent_it_and_is_counted()
     assert body == b"".join(frames) + b"0\r\n\r\n"  # the upstream's own frames; one end, no trailer
     (relay,) = relays
     assert relay.tokens == 3 and not relay.upstream_failed and not relay.client_gone
+
+
+async def test_a_burst_of_chunks_in_one_read_hands_the_rest_of_the_body_to_the_parser() -> None:
+    first = [b"%X;ext=1\r\n%s\r\n" % (len(event(n)), event(n)) for n in range(3)]
+    burst = [event(n, padding=20) for n in range(3, 60)]  # about 5 KB in one write: more than a splice takes
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + first[0])
+        for frame in first[1:]:
+            await asyncio.sleep(0.02)
+            writer.write(frame)
+        await asyncio.sleep(0.02)
+        writer.write(b"".join(b"%X;ext=1\r\n%s\r\n" % (len(e), e) for e in burst) + b"0\r\n\r\n")
+        await writer.drain()
+
+    assert len(b"".join(burst)) > forwarder.SPLICE_READ_MAX
+    async with upstream(answer) as url, gateway(url) as (port, relays):
+        answer_bytes = await ask(port)
+    body = answer_bytes.partition(b"\r\n\r\n")[2]
+    assert body.startswith(b"".join(first))  # spliced: the upstream's own frames
+    assert b"ext=1" not in body[len(b"".join(first)) :]  # then parsed, and written by the task in its frames
+    data, ended = dechunk(body)
+    assert ended and data == b"".join([event(n) for n in range(3)] + burst)
+    assert not relays[0].upstream_failed
 
 
 async def test_a_client_that_stops_reading_holds_the_upstream_back_and_gets_every_byte_in_order() -> None:

@@ -29,6 +29,12 @@ class Dechunker:
         self._buffer = b""
         self.done = False
 
+    def unconsumed(self) -> bytes:
+        """What was fed but not yet answered (the start of an unfinished chunk, or nothing): it starts at a
+        chunk, so a chunked parser handed it, and the bytes after it, reads the rest of the body."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
     def feed(self, data: bytes) -> tuple[bytes, bytes]:
         """(`wire`, `data`): the complete chunks at the front of what has arrived so far, as they arrived, and
         the data they carry. Raises `ChunkedError` on bytes that are no chunked body; after `done`, the rest

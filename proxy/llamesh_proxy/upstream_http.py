@@ -63,6 +63,7 @@ MAX_HELD_HEAD = 2**16  # past this without a blank line, the head goes to the pa
 # the answer's head has come (`_HEAD`); keep the body back once the head is parsed (`_HELD`); hand them on
 # (`_SPLICED`).
 _PARSE, _HEAD, _HELD, _SPLICED = range(4)
+Splice = Callable[[bytes], bytes | None]  # takes a body's bytes; or hands them back, to be parsed from then on
 
 
 class _Idle(NamedTuple):
@@ -85,7 +86,7 @@ class _Protocol(client_proto.ResponseHandler):
         super().__init__(loop)
         self._hold = _PARSE
         self._held: list[bytes] = []
-        self._splice: Callable[[bytes], None] | None = None
+        self._splice: Splice | None = None
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         if self._reading_paused or self._buffer_paused:
@@ -109,12 +110,19 @@ class _Protocol(client_proto.ResponseHandler):
             if held:
                 super().data_received(b"".join(held))
 
-    def splice(self, take: Callable[[bytes], None]) -> None:
-        """Hand the held body's bytes to `take`, and every later byte as it arrives; the parser sees none
-        of them, so the connection cannot be reused."""
+    def splice(self, take: Splice) -> None:
+        """Hand the held body's bytes to `take`, and every later byte as it arrives, until `take` answers
+        with bytes: those, and everything after them, go to the parser from then on."""
         held, self._held, self._hold, self._splice = self._held, [], _SPLICED, take
-        for data in held:
-            take(data)
+        for index, data in enumerate(held):
+            if (rest := take(data)) is not None:
+                self._to_parser(rest + b"".join(held[index + 1 :]))
+                return
+
+    def _to_parser(self, rest: bytes) -> None:
+        self._hold, self._splice = _PARSE, None
+        if rest:
+            super().data_received(rest)
 
     def data_received(self, data: bytes) -> None:
         hold = self._hold
@@ -125,7 +133,8 @@ class _Protocol(client_proto.ResponseHandler):
                 if self._read_timeout:
                     self._reschedule_timeout()  # as aiohttp's data_received: a read restarts sock_read
                 assert self._splice is not None
-                self._splice(data)
+                if (rest := self._splice(data)) is not None:
+                    self._to_parser(rest)
         elif hold == _HELD:
             self._held.append(data)
         else:  # _HEAD: until the blank line that ends the head
@@ -239,10 +248,13 @@ class Response:
         if isinstance(self._protocol, _Protocol):
             self._protocol.release_body()
 
-    def splice(self, take: Callable[[bytes], None]) -> bool:
+    def splice(self, take: Splice) -> bool:
         """Hand the body's bytes to `take` as they arrive, unparsed (a request made with `hold_body`):
         False when it cannot be (the body is already being parsed). `take` feeds `content` what the
-        caller should read (`feed_data`, `feed_eof`, `set_exception`); the connection is closed after."""
+        caller should read (`feed_data`, `feed_eof`, `set_exception`) and answers None; or it answers with
+        bytes that start a chunk of a chunked body, which go to the parser with everything after them (the
+        parser has seen the head alone, so a body's chunks may start at any chunk). The connection is closed
+        after."""
         protocol = self._protocol
         if not isinstance(protocol, _Protocol) or not protocol.body_held:
             return False
