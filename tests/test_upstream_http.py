@@ -586,3 +586,23 @@ async def test_a_spliced_body_comes_as_sent_keeps_sock_read_alive_and_its_connec
         stalled.set()
         response.close()
         assert pool.idle_connections(server.url) == 0  # the parser is behind the wire: never reused
+
+
+async def test_a_spliced_body_read_to_its_end_is_no_error_when_the_server_then_closes(pool: upstream_http.Pool) -> None:
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with upstream(replying(head + body, keep=False)) as server:  # the end, then the connection's end
+        response = await ask(pool, server.url, hold_body=True)
+        received: list[bytes] = []
+
+        def take(data: bytes) -> None:
+            received.append(data)
+            if b"".join(received).endswith(b"0\r\n\r\n"):
+                response.content.feed_eof()  # the splice saw the last chunk
+
+        assert response.splice(take)
+        await waiting.eventually(lambda: server.closed == 1, what="the server to close")
+        await waiting.eventually(lambda: response.content.is_eof(), what="the end")
+        await asyncio.sleep(0.05)  # the close reaches the protocol (connection_lost) before anyone reads
+        assert await response.content.readany() == b""  # the end, not "payload is not completed"
+        response.close()

@@ -152,6 +152,10 @@ class _Protocol(client_proto.ResponseHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.release_body()  # what was held is parsed before the end is: a body that had all come is whole
+        if self._hold == _SPLICED and self._payload is not None and self._payload.is_eof():
+            # The splice read the body to its end; the parser, which saw only the head, would call it
+            # unfinished and fail the reader before its end is read (llama-server closes right after).
+            self._parser = None
         super().connection_lost(exc)
 
 
