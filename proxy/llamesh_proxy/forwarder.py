@@ -12,11 +12,10 @@ A stream the upstream sends chunked, to a client whose answer is chunked too (HT
 (`_Splice`): while the client keeps up, each complete chunk read from upstream is written on to the client as
 it came, in the callback that read it (`chunked.Dechunker` finds the chunks and their data), without waking
 the relaying task, its reader and aiohttp's writer for every token: against a real llama-server, whose
-tokens arrive one by one, that cut the gateway's user CPU per token by a third (bench/README.md). When the client's
-connection has unsent bytes, chunks go to the upstream answer's `content` instead and the relaying task
-writes them with backpressure as above, until it has caught up; the task ends at the body's end or its
-failure, as before. A read of many chunks at once (an upstream far ahead, as the benchmark's fake) ends the
-splice: from the next chunk on, aiohttp's parser reads the body, for less per chunk than Python does.
+tokens arrive one by one, that cut the gateway's user CPU per token by a third (bench/README.md). The first
+read that cannot be written so (the client's connection has unsent bytes, or the read holds many chunks)
+ends the splice: from the next chunk on, aiohttp's parser reads the body and the relaying task writes it
+with backpressure as above, for less per chunk than Python would.
 
 Failures: no answer from upstream (refused, reset, timed out) is a 502 `upstream_error`. Once a stream has
 started its status cannot change, so for an upstream that dies mid-stream we send one last SSE event in
@@ -268,7 +267,6 @@ class Forwarder:
                     break
                 await response.write(chunk)  # waits while the client is slow: backpressure
                 relayed.add(chunk)
-                relayed.pending -= len(chunk)
         except ConnectionResetError:
             relay.client_gone = True
             return response
@@ -292,15 +290,13 @@ class Forwarder:
 
 
 class _Relayed:
-    """A stream's last chunks and its count of `data:` events, from the relaying task and the splice alike;
-    `pending`: bytes the splice handed the task that the task has not written yet."""
+    """A stream's last chunks and its count of `data:` events, from the splice and the relaying task alike."""
 
-    __slots__ = ("events", "pending", "tail")
+    __slots__ = ("events", "tail")
 
     def __init__(self) -> None:
         self.tail: list[bytes] = []
         self.events = 0
-        self.pending = 0
 
     def add(self, chunk: bytes) -> None:
         self.tail.append(chunk)
@@ -321,10 +317,11 @@ def _splice_for(request: web.Request, upstream: Upstream) -> _Splice | None:
 
 
 class _Splice:
-    """Takes the upstream body's bytes as they arrive (`Response.splice`): writes its complete chunks
-    straight to the client while the client's connection has nothing unsent and the task has caught up, else
-    hands their data to `content` for the relaying task; ends `content` at the body's end, fails it on bytes
-    that are no chunked body."""
+    """Takes the upstream body's bytes as they arrive (`Response.splice`) and writes its complete chunks
+    straight to the client, as long as the client's connection has nothing unsent. The first read it cannot
+    write at once (the client is behind, or the read is a burst of many chunks) ends the splice: that read
+    and everything after it go to aiohttp's parser from the next chunk on, and the relaying task writes the
+    rest with backpressure. Ends `content` at the body's end; fails it on bytes that are no chunked body."""
 
     __slots__ = ("_client", "_content", "_dechunker", "relayed")
 
@@ -339,31 +336,21 @@ class _Splice:
         return self.take
 
     def take(self, data: bytes) -> bytes | None:
-        content = self._content
+        content, client = self._content, self._client
         if content.exception() is not None or self._dechunker.done:
             return None
-        if len(data) > SPLICE_READ_MAX:
-            # Many chunks in one read: the upstream is ahead of us, and aiohttp's parser (C) reads a chunk
-            # for a fraction of what this Python does. The parser takes the body from the next chunk on.
+        if len(data) > SPLICE_READ_MAX or client is None or client.get_write_buffer_size() or client.is_closing():
+            # Many chunks in one read (the upstream is ahead; aiohttp's parser, in C, reads a chunk for a
+            # fraction of what Python does), or a client that is behind (the task's writes wait for it).
             return self._dechunker.unconsumed() + data
         try:
             wire, carried = self._dechunker.feed(data)
         except chunked.ChunkedError as exc:
             content.set_exception(aiohttp.ClientPayloadError(f"Response payload is not chunked: {exc}"))
             return None
-        if carried:
-            relayed, client = self.relayed, self._client
-            if (
-                relayed.pending == 0
-                and client is not None
-                and not client.get_write_buffer_size()
-                and not client.is_closing()
-            ):
-                client.write(wire)
-                relayed.add(carried)
-            else:
-                relayed.pending += len(carried)
-                content.feed_data(carried)
+        if wire:
+            client.write(wire)
+            self.relayed.add(carried)
         if self._dechunker.done:
             content.feed_eof()
         return None
