@@ -118,7 +118,6 @@ async def ask(pool: upstream_http.Pool, url: str, **options: float | None) -> up
         body=b'{"model":"m"}',
         total_s=options.get("total_s"),
         read_timeout_s=options.get("read_timeout_s"),
-        hold_body=bool(options.get("hold_body")),
     )
 
 
@@ -516,93 +515,3 @@ async def test_the_real_llama_server_closes_after_streams_and_the_pool_learns_it
         for _ in range(3):  # non-streamed answers keep their connection
             await complete(stream=False)
         assert pool.connections_opened == 3
-
-
-# --- a body held back, then parsed or spliced (the forwarder's streams) -------------------------------------
-
-
-async def test_a_held_body_is_parsed_when_read_and_its_connection_kept(pool: upstream_http.Pool) -> None:
-    async with upstream(replying(OK)) as server:
-        for hold in (True, False, True):
-            response = await ask(pool, server.url, hold_body=hold)
-            assert response.status == 200 and await response.read() == b'{"ok":true}'
-            response.close()
-        unread = await ask(pool, server.url, hold_body=True)
-        unread.close()  # never read: the bytes held are parsed on close, and the body was whole
-        assert pool.idle_connections(server.url) == 1
-        assert server.connections == 1
-
-
-async def test_informational_answers_before_a_held_body(pool: upstream_http.Pool) -> None:
-    async def split(_request: bytes, writer: asyncio.StreamWriter) -> bool:
-        for piece in (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConte", OK[len(b"HTTP/1.1 200 OK\r\nConte") :]):
-            writer.write(piece)
-            await writer.drain()
-            await asyncio.sleep(0)
-        return True
-
-    for answer in (replying(b"HTTP/1.1 100 Continue\r\n\r\n" + OK), split):
-        async with upstream(answer) as server:
-            response = await ask(pool, server.url, hold_body=True)
-            assert response.status == 200 and await response.read() == b'{"ok":true}'
-            assert not response.splice(lambda _data: None)  # parsed already: no splice
-            response.close()
-
-
-async def test_a_held_body_whose_connection_then_closed_is_whole(pool: upstream_http.Pool) -> None:
-    async with upstream(replying(OK, keep=False)) as server:
-        response = await ask(pool, server.url, hold_body=True)
-        await waiting.eventually(lambda: server.closed == 1, what="the server to close")
-        await waiting.eventually(lambda: response.content.is_eof(), what="the held body parsed at the close")
-        assert await response.read() == b'{"ok":true}' and response.content.exception() is None
-        response.close()
-
-
-async def test_a_spliced_body_comes_as_sent_keeps_sock_read_alive_and_its_connection_goes(
-    pool: upstream_http.Pool,
-) -> None:
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-    chunks = [b'0F;x=1\r\ndata: {"n":%d}\n\n\r\n' % n for n in range(6)]
-    stalled = asyncio.Event()
-
-    async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
-        writer.write(head + chunks[0])  # the head and the first chunk in one read
-        for chunk in chunks[1:]:
-            await asyncio.sleep(0.1)  # 0.5 s of chunks, each well within the 0.3 s read timeout
-            writer.write(chunk)
-        await writer.drain()
-        await stalled.wait()  # then nothing: the read timeout's turn
-        return False
-
-    async with upstream(answer) as server:
-        response = await ask(pool, server.url, hold_body=True, read_timeout_s=0.3)
-        received: list[bytes] = []
-        assert response.splice(received.append)
-        await waiting.eventually(lambda: len(b"".join(received)) == len(b"".join(chunks)), what="every chunk")
-        assert b"".join(received) == b"".join(chunks)  # as sent: the parser saw none of it
-        assert not response.content.is_eof() and response.content.exception() is None  # the reader's to end
-        with pytest.raises(aiohttp.SocketTimeoutError):
-            await response.content.readany()  # 0.3 s after the last chunk: sock_read, as for a parsed body
-        stalled.set()
-        response.close()
-        assert pool.idle_connections(server.url) == 0  # the parser is behind the wire: never reused
-
-
-async def test_a_spliced_body_read_to_its_end_is_no_error_when_the_server_then_closes(pool: upstream_http.Pool) -> None:
-    body = b"5\r\nhello\r\n0\r\n\r\n"
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-    async with upstream(replying(head + body, keep=False)) as server:  # the end, then the connection's end
-        response = await ask(pool, server.url, hold_body=True)
-        received: list[bytes] = []
-
-        def take(data: bytes) -> None:
-            received.append(data)
-            if b"".join(received).endswith(b"0\r\n\r\n"):
-                response.content.feed_eof()  # the splice saw the last chunk
-
-        assert response.splice(take)
-        await waiting.eventually(lambda: server.closed == 1, what="the server to close")
-        await waiting.eventually(lambda: response.content.is_eof(), what="the end")
-        await asyncio.sleep(0.05)  # the close reaches the protocol (connection_lost) before anyone reads
-        assert await response.content.readany() == b""  # the end, not "payload is not completed"
-        response.close()

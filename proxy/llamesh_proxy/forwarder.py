@@ -8,15 +8,6 @@ status; a streaming one (`"stream": true`, 2xx) is relayed chunk by chunk as it 
 write so a slow client slows the upstream read (backpressure). SSE is not parsed: the last few chunks are
 kept by reference and searched once at the end for `usage.completion_tokens`.
 
-A stream the upstream sends chunked, to a client whose answer is chunked too (HTTP/1.1), is spliced
-(`_Splice`): while the client keeps up, each complete chunk read from upstream is written on to the client as
-it came, in the callback that read it (`chunked.Dechunker` finds the chunks and their data), without waking
-the relaying task, its reader and aiohttp's writer for every token: against a real llama-server, whose
-tokens arrive one by one, that cut the gateway's user CPU per token by a third (bench/README.md). The first
-read that cannot be written so (the client's connection has unsent bytes, or the read holds many chunks)
-ends the splice: from the next chunk on, aiohttp's parser reads the body and the relaying task writes it
-with backpressure as above, for less per chunk than Python would.
-
 Failures: no answer from upstream (refused, reset, timed out) is a 502 `upstream_error`. Once a stream has
 started its status cannot change, so for an upstream that dies mid-stream we send one last SSE event in
 OpenAI's error shape, `data: {"error": {"message", "type": "upstream_error", ...}}` (the OpenAI SDKs raise
@@ -41,7 +32,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from llamesh_proxy import chunked, errors, upstream_http
+from llamesh_proxy import errors, upstream_http
 
 HOP_BY_HOP = frozenset(
     {
@@ -61,8 +52,6 @@ REQUEST_HEADERS_DROPPED = HOP_BY_HOP | {"host", "content-length"}
 RESPONSE_HEADERS_DROPPED = HOP_BY_HOP | {"content-length", "date", "server"}
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 TAIL_CHUNKS = 4
-# A read longer than this (about six of llama-server's one-token chunks) ends a splice (`_Splice.take`).
-SPLICE_READ_MAX = 2048
 # The gateway answers all four; llama-server builds register some of them (older ones only /rerank and
 # /v1/rerank). Tried in this order after a 404 on the client's spelling.
 RERANK_PATHS = ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")
@@ -176,7 +165,6 @@ class Forwarder:
                 body=body,
                 total_s=total_s,
                 read_timeout_s=self._sock_read,
-                hold_body=stream,
             )
             if rerank and upstream.status == 404:
                 upstream = await self._rerank_elsewhere(upstream, base_url, path, query, body, headers, total_s)
@@ -244,18 +232,12 @@ class Forwarder:
         response = web.StreamResponse(status=upstream.status, headers=self._client_headers(upstream))
         response.headers.update(STREAM_HEADERS)
         response.headers["X-Request-Id"] = request_id
+        tail: list[bytes] = []
+        events = 0
         failure = ""
         content = upstream.content  # read directly: one coroutine less per chunk
-        splice = _splice_for(request, upstream)
-        relayed = splice.relayed if splice is not None else _Relayed()
-        if splice is not None:
-            response.enable_chunked_encoding()
         try:
             await response.prepare(request)
-            if isinstance(upstream, upstream_http.Response):
-                client = request.transport
-                if splice is None or client is None or not upstream.splice(splice.bind(client)):
-                    upstream.unhold()  # relayed by the task alone
             while True:
                 try:
                     chunk = await content.readany()
@@ -266,12 +248,15 @@ class Forwarder:
                 if not chunk:
                     break
                 await response.write(chunk)  # waits while the client is slow: backpressure
-                relayed.add(chunk)
+                tail.append(chunk)
+                if len(tail) > TAIL_CHUNKS:
+                    del tail[0]
+                events += chunk.count(b"data:")
         except ConnectionResetError:
             relay.client_gone = True
             return response
-        ending = b"".join(relayed.tail)[-TAIL_BYTES:]
-        relay.tokens = completion_tokens(ending, data_events=relayed.events)
+        ending = b"".join(tail)[-TAIL_BYTES:]
+        relay.tokens = completion_tokens(ending, data_events=events)
         relay.cached_tokens = cached_tokens(ending)
         if relay.upstream_failed:
             # The status is sent: what is left is an error event, then a truncated body (no final chunk).
@@ -287,73 +272,6 @@ class Forwarder:
         for name in RESPONSE_HEADERS_DROPPED:
             headers.popall(name, None)
         return headers
-
-
-class _Relayed:
-    """A stream's last chunks and its count of `data:` events, from the splice and the relaying task alike."""
-
-    __slots__ = ("events", "tail")
-
-    def __init__(self) -> None:
-        self.tail: list[bytes] = []
-        self.events = 0
-
-    def add(self, chunk: bytes) -> None:
-        self.tail.append(chunk)
-        if len(self.tail) > TAIL_CHUNKS:
-            del self.tail[0]
-        self.events += chunk.count(b"data:")
-
-
-def _splice_for(request: web.Request, upstream: Upstream) -> _Splice | None:
-    """A splice when the upstream's body is chunked, and nothing but chunked, and the client's answer can be."""
-    if (
-        isinstance(upstream, upstream_http.Response)
-        and request.version >= aiohttp.HttpVersion11
-        and upstream.headers.get("Transfer-Encoding", "").lower() == "chunked"
-    ):
-        return _Splice(upstream.content)
-    return None
-
-
-class _Splice:
-    """Takes the upstream body's bytes as they arrive (`Response.splice`) and writes its complete chunks
-    straight to the client, as long as the client's connection has nothing unsent. The first read it cannot
-    write at once (the client is behind, or the read is a burst of many chunks) ends the splice: that read
-    and everything after it go to aiohttp's parser from the next chunk on, and the relaying task writes the
-    rest with backpressure. Ends `content` at the body's end; fails it on bytes that are no chunked body."""
-
-    __slots__ = ("_client", "_content", "_dechunker", "relayed")
-
-    def __init__(self, content: aiohttp.StreamReader) -> None:
-        self._content = content
-        self._dechunker = chunked.Dechunker()
-        self._client: asyncio.Transport | None = None
-        self.relayed = _Relayed()
-
-    def bind(self, client: asyncio.Transport) -> upstream_http.Splice:
-        self._client = client
-        return self.take
-
-    def take(self, data: bytes) -> bytes | None:
-        content, client = self._content, self._client
-        if content.exception() is not None or self._dechunker.done:
-            return None
-        if len(data) > SPLICE_READ_MAX or client is None or client.get_write_buffer_size() or client.is_closing():
-            # Many chunks in one read (the upstream is ahead; aiohttp's parser, in C, reads a chunk for a
-            # fraction of what Python does), or a client that is behind (the task's writes wait for it).
-            return self._dechunker.unconsumed() + data
-        try:
-            wire, carried = self._dechunker.feed(data)
-        except chunked.ChunkedError as exc:
-            content.set_exception(aiohttp.ClientPayloadError(f"Response payload is not chunked: {exc}"))
-            return None
-        if wire:
-            client.write(wire)
-            self.relayed.add(carried)
-        if self._dechunker.done:
-            content.feed_eof()
-        return None
 
 
 def stream_error_event(failure: str, *, after: bytes) -> bytes:

@@ -38,7 +38,6 @@ import logging
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
 from typing import NamedTuple
 
 import aiohttp
@@ -58,12 +57,6 @@ logger = logging.getLogger(__name__)
 # How a kept connection the server has closed fails the request written on it: a clean close, or a reset.
 _DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 _AUTO_HEADERS = (("accept", "*/*"), ("accept-encoding", "gzip, deflate"), ("user-agent", USER_AGENT))
-MAX_HELD_HEAD = 2**16  # past this without a blank line, the head goes to the parser (which refuses it)
-# What `_Protocol` does with the bytes of an answer (`hold_body`): parse them as they come; keep them until
-# the answer's head has come (`_HEAD`); keep the body back once the head is parsed (`_HELD`); hand them on
-# (`_SPLICED`).
-_PARSE, _HEAD, _HELD, _SPLICED = range(4)
-Splice = Callable[[bytes], bytes | None]  # takes a body's bytes; or hands them back, to be parsed from then on
 
 
 class _Idle(NamedTuple):
@@ -82,81 +75,9 @@ class _Protocol(client_proto.ResponseHandler):
     there is nothing to resume: that was 5% of the gateway's time under the streaming load (bench/,
     profiled). A paused protocol resumes exactly as aiohttp's does."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self._hold = _PARSE
-        self._held: list[bytes] = []
-        self._splice: Splice | None = None
-
     def resume_reading(self, resume_parser: bool = True) -> None:
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
-
-    # --- the body held back, then parsed or spliced (`Response.splice`) ---------------------------------
-
-    def hold_body(self) -> None:
-        """For the next answer: give the parser its head alone and keep the body's bytes back until
-        `release_body` (parsed as usual) or `splice` (handed to a callable as they arrive, unparsed)."""
-        self._hold, self._held, self._splice = _HEAD, [], None
-
-    @property
-    def body_held(self) -> bool:
-        return self._hold == _HELD
-
-    def release_body(self) -> None:
-        """Parse what was held, and everything after it as it comes."""
-        if self._hold in (_HEAD, _HELD):
-            held, self._held, self._hold = self._held, [], _PARSE
-            if held:
-                super().data_received(b"".join(held))
-
-    def splice(self, take: Splice) -> None:
-        """Hand the held body's bytes to `take`, and every later byte as it arrives, until `take` answers
-        with bytes: those, and everything after them, go to the parser from then on."""
-        held, self._held, self._hold, self._splice = self._held, [], _SPLICED, take
-        for index, data in enumerate(held):
-            if (rest := take(data)) is not None:
-                self._to_parser(rest + b"".join(held[index + 1 :]))
-                return
-
-    def _to_parser(self, rest: bytes) -> None:
-        self._hold, self._splice = _PARSE, None
-        if rest:
-            super().data_received(rest)
-
-    def data_received(self, data: bytes) -> None:
-        hold = self._hold
-        if hold == _PARSE:
-            super().data_received(data)
-        elif hold == _SPLICED:
-            if data:
-                if self._read_timeout:
-                    self._reschedule_timeout()  # as aiohttp's data_received: a read restarts sock_read
-                assert self._splice is not None
-                if (rest := self._splice(data)) is not None:
-                    self._to_parser(rest)
-        elif hold == _HELD:
-            self._held.append(data)
-        else:  # _HEAD: until the blank line that ends the head
-            self._held.append(data)
-            head = b"".join(self._held) if len(self._held) > 1 else data
-            end = head.find(b"\r\n\r\n")
-            if end < 0:
-                self._held = [head]
-                if len(head) > MAX_HELD_HEAD:
-                    self.release_body()
-                return
-            rest = head[end + 4 :]
-            self._hold, self._held = _HELD, [rest] if rest else []
-            super().data_received(head[: end + 4])
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.release_body()  # what was held is parsed before the end is: a body that had all come is whole
-        if self._hold == _SPLICED and self._payload is not None and self._payload.is_eof():
-            # The splice read the body to its end; the parser, which saw only the head, would call it
-            # unfinished and fail the reader before its end is read (llama-server closes right after).
-            self._parser = None
-        super().connection_lost(exc)
 
 
 class UpstreamResponseError(aiohttp.ClientResponseError):
@@ -216,7 +137,6 @@ class Response:
         "_payload",
         "_pool",
         "_protocol",
-        "_spliced",
         "content",
         "event_stream",
         "headers",
@@ -245,41 +165,18 @@ class Response:
         self.status = status
         self.headers = headers
         self.event_stream = headers.get("Content-Type", "").startswith("text/event-stream")
-        self._spliced = False
-
-    def unhold(self) -> None:
-        """Let the body be parsed into `content` (a request made with `hold_body`; else nothing to do)."""
-        if isinstance(self._protocol, _Protocol):
-            self._protocol.release_body()
-
-    def splice(self, take: Splice) -> bool:
-        """Hand the body's bytes to `take` as they arrive, unparsed (a request made with `hold_body`):
-        False when it cannot be (the body is already being parsed). `take` feeds `content` what the
-        caller should read (`feed_data`, `feed_eof`, `set_exception`) and answers None; or it answers with
-        bytes that start a chunk of a chunked body, which go to the parser with everything after them (the
-        parser has seen the head alone, so a body's chunks may start at any chunk). The connection is closed
-        after."""
-        protocol = self._protocol
-        if not isinstance(protocol, _Protocol) or not protocol.body_held:
-            return False
-        self._spliced = True
-        protocol.splice(take)
-        return True
 
     async def readany(self) -> bytes:
         """The next piece of the body as it arrives; b"" at its end."""
-        self.unhold()
         return await self._payload.readany()
 
     async def read(self) -> bytes:
         """The rest of the body."""
-        self.unhold()
         return await self._payload.read()
 
     async def release(self) -> None:
         """Read what is left of the body, then `close`."""
         try:
-            self.unhold()
             await self._payload.read()
         finally:
             self.close()
@@ -291,14 +188,7 @@ class Response:
         self._handle.close()
         if self._deadline is not None:
             self._deadline.cancel()
-        if isinstance(protocol, _Protocol):
-            protocol.release_body()  # bytes still held (a body nobody read) are parsed: they decide reuse
-        if (
-            not self._spliced
-            and self._payload.is_eof()
-            and self._payload.exception() is None
-            and not protocol.should_close
-        ):
+        if self._payload.is_eof() and self._payload.exception() is None and not protocol.should_close:
             self._pool.put_back(self._origin, protocol, after_stream=self.event_stream)
         else:
             protocol.close()
@@ -327,13 +217,11 @@ class Pool:
         body: bytes,
         total_s: float | None,
         read_timeout_s: float | None,
-        hold_body: bool = False,
     ) -> Response:
         """Send `method target` with `body` to `base_url`; returns once the status and headers are in.
 
         `total_s` bounds everything until the body's end (a `TimeoutError`), `read_timeout_s` each wait on
-        the socket (`SocketTimeoutError`); None for no limit. `hold_body`: the body is kept back until the
-        caller reads it (`content` after `unhold`, or `read`, `readany`, `release`) or splices it."""
+        the socket (`SocketTimeoutError`); None for no limit."""
         if self._closed:
             raise aiohttp.ClientConnectionError("Session is closed")
         origin = self._origins.get(base_url)
@@ -363,8 +251,6 @@ class Pool:
                 transport = protocol.transport
                 if transport is None:
                     raise aiohttp.ServerDisconnectedError()
-                if hold_body and isinstance(protocol, _Protocol):
-                    protocol.hold_body()
                 if len(body) < LARGE_BODY:
                     self._write_soon(loop, transport, head + body)
                 else:  # written now, and waited for while the socket's buffer is full
@@ -378,8 +264,6 @@ class Pool:
                         message, payload = await protocol.read()
                         if message.code < 100 or message.code > 199 or message.code == 101:
                             break
-                        if isinstance(protocol, _Protocol):
-                            protocol.release_body()  # the answer after a 1xx is parsed as usual
             except http_exceptions.HttpProcessingError as exc:
                 protocol.close()
                 raise UpstreamResponseError(
@@ -509,7 +393,6 @@ class SessionClient:
         body: bytes,
         total_s: float | None,
         read_timeout_s: float | None,
-        hold_body: bool = False,  # aiohttp's session parses every body as it comes: nothing is held
     ) -> aiohttp.ClientResponse:
         timeout = self._timeouts.get((total_s, read_timeout_s))
         if timeout is None:
