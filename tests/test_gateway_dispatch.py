@@ -5,7 +5,8 @@ served once it is READY; the catalog follows instance phases; a queue wait past 
 is a queue_timeout (counted, queue left); a waiter cancelled (client gone) leaves at once and leaks no
 slot; a failed start fails every waiter with spawn_failures_exhausted, while a crash after READY asks
 for a replacement; draining and a removed model turn waiters away; max_instances 0 is no_capacity;
-prewarm; usage is published only when it changes, and at once when an instance we use is drained;
+prewarm; usage is published only when it changes (a newer stamp alone, while busy, at the refresh interval),
+and at once when an instance we use is drained;
 instance names are DNS-1123 safe.
 """
 
@@ -230,6 +231,55 @@ async def test_usage_is_published_when_it_changes_and_only_then() -> None:
         last = (await current()).status.usage["gw-1"]
         assert last.in_flight == 0 and last.last_request_at is not None
         assert last.last_request_at >= first.last_request_at
+
+
+async def test_under_steady_traffic_a_newer_stamp_alone_waits_for_the_refresh_interval() -> None:
+    """One request after another keeps in_flight at 1: the stamp alone is not written every tick (each write
+    wakes every watcher), but at the refresh interval, and at once when the instance goes idle."""
+    async with running() as gw:
+        waiting = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+        (name,) = await gs.eventually(lambda: gs.instance_names(gw))
+        await gs.set_phase(gw.store, name, resources.Phase.READY, port=18005)
+        lease = await asyncio.wait_for(waiting, 10)
+        published: dict[str, following.Usage] = {}
+
+        async def current() -> resources.LlamaInstance:
+            found = await gw.store.get(resources.LlamaInstance, name)
+            assert found is not None
+            return found
+
+        await following.publish_once(gw, published)
+        first = (await current()).status.usage["gw-1"]
+        version = (await current()).metadata.resource_version
+        gw.dispatcher.release(lease)  # the next request follows at once: still one in flight at the tick
+        lease = await asyncio.wait_for(gw.dispatcher.acquire(target(gw)), 10)
+        assert gw.dispatcher.last_request_at[name] > first.last_request_at.timestamp()
+        await following.publish_once(gw, published)
+        assert (await current()).metadata.resource_version == version
+        await following.publish_once(gw, published, refresh_s=0.0)  # the interval has passed
+        refreshed = (await current()).status.usage["gw-1"]
+        assert refreshed.in_flight == 1 and refreshed.last_request_at > first.last_request_at
+        gw.dispatcher.release(lease)
+        await following.publish_once(gw, published)  # idle: written at once, whatever the interval
+        idle = (await current()).status.usage["gw-1"]
+        assert idle.in_flight == 0 and idle.last_request_at >= refreshed.last_request_at
+
+
+@pytest.mark.parametrize(
+    ("published", "current", "expected"),
+    [
+        (None, following.Usage(1, 100.0), True),  # nothing written yet
+        (following.Usage(1, 100.0), following.Usage(1, 100.0), False),  # nothing changed
+        (following.Usage(1, 100.0), following.Usage(2, 100.5), True),  # the count changed
+        (following.Usage(1, 100.0), following.Usage(0, 100.5), True),  # went idle: the stamp starts its timeout
+        (following.Usage(0, 100.0), following.Usage(0, 101.0), True),  # idle, a request came and went
+        (following.Usage(1, 100.0), following.Usage(1, 105.0), False),  # busy: the stamp alone waits...
+        (following.Usage(1, 100.0), following.Usage(1, 110.0), True),  # ...for the refresh interval
+        (following.Usage(1, None), following.Usage(1, 100.0), True),  # a first stamp
+    ],
+)
+def test_worth_publishing(published: following.Usage | None, current: following.Usage, expected: bool) -> None:
+    assert following.worth_publishing(published, current, refresh_s=10.0) is expected
 
 
 def test_instance_names_are_dns_safe() -> None:
