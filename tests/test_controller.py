@@ -84,7 +84,11 @@ async def test_unschedulable_and_lost_nodes_are_reported_once_per_change() -> No
     memory, recorded = store.MemoryStore(), Recorded()
     await memory.create(model(min_instances=1))
     await ready_node(memory, heartbeat_s_ago=120)  # its agent is gone
-    loop = make(memory, recorded)
+    later = datetime.timedelta(0)
+    loop = make(memory, recorded, clock=lambda: store.utcnow() + later)
+    await loop.reconcile_once()  # the operator starts: every node has the whole grace from now
+    assert "NodeLost" not in [reason for _, reason, _ in recorded.events]
+    later = planning.NODE_LOST_AFTER + datetime.timedelta(seconds=1)
     for _ in range(4):
         await loop.reconcile_once()
     reasons = [reason for _, reason, _ in recorded.events]
@@ -180,18 +184,50 @@ async def test_a_lost_nodes_instances_are_deleted_and_a_second_loss_is_reported_
     await memory.create(model())
     await ready_node(memory, heartbeat_s_ago=120)
     await instance(memory, "on-lost", phase=resources.Phase.READY, readyAt=ago(200))
-    loop = make(memory, recorded)
+    later = datetime.timedelta(0)
+    loop = make(memory, recorded, clock=lambda: store.utcnow() + later)
+    await loop.reconcile_once()  # the first pass: the grace starts
+    later = planning.NODE_LOST_AFTER + datetime.timedelta(seconds=1)
     await loop.reconcile_once()
     assert await names(memory) == set()
     assert [(name, reason) for name, reason, _ in recorded.events] == [("n1", "NodeLost"), ("on-lost", "Deleted")]
     assert "no heartbeat" in recorded.events[1][2]
 
-    await memory.patch_status(resources.LlamaNode, "n1", {"heartbeatAt": ago(0)})  # its agent is back
+    back = ago(-31)  # now, on the loop's clock
+    await memory.patch_status(resources.LlamaNode, "n1", {"heartbeatAt": back})  # its agent is back
     await loop.reconcile_once()
     await memory.patch_status(resources.LlamaNode, "n1", {"heartbeatAt": ago(120)})  # and gone again
     await loop.reconcile_once()
     await loop.reconcile_once()
     assert [reason for _, reason, _ in recorded.events].count("NodeLost") == 2
+
+
+async def test_a_node_is_not_lost_for_heartbeats_missed_while_the_store_was_unreachable() -> None:
+    """The API server was away past the grace: its agents could not write heartbeats either, so the first
+    pass that reads the store again deletes nothing; a node still silent a whole grace later is lost."""
+    memory, recorded = store.MemoryStore(), Recorded()
+    await memory.create(model())
+    await ready_node(memory, heartbeat_s_ago=120)
+    await instance(memory, "kept", phase=resources.Phase.READY, readyAt=ago(200))
+    reachable = True
+
+    async def observe() -> controller.Observed:
+        if not reachable:
+            raise store.ServerError("the API server is away")
+        return await controller.world_source(memory)()
+
+    later = datetime.timedelta(0)
+    loop = make(memory, recorded, observe=observe, clock=lambda: store.utcnow() + later)
+    reachable = False
+    with pytest.raises(store.ServerError):
+        await loop.reconcile_once()
+    reachable = True
+    await loop.reconcile_once()
+    assert await names(memory) == {"kept"} and "NodeLost" not in [r for _, r, _ in recorded.events]
+    later = planning.NODE_LOST_AFTER + datetime.timedelta(seconds=1)
+    await loop.reconcile_once()  # the grace has passed with no heartbeat
+    assert await names(memory) == set()
+    assert [reason for _, reason, _ in recorded.events] == ["NodeLost", "Deleted"]
 
 
 async def test_unschedulable_is_reported_again_when_the_reason_changes_then_bound() -> None:

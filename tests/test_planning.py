@@ -268,6 +268,25 @@ def test_a_node_without_heartbeat_is_lost_and_its_instances_are_replaced() -> No
     assert not [a for a in run(models=[m], instances=[], nodes=[fresh]) if isinstance(a, planning.NodeLost)]
 
 
+def test_after_the_store_was_unreachable_every_node_gets_the_whole_grace_again() -> None:
+    """An API-server outage stops heartbeats too: from when the operator reads the store again, a node has
+    the whole grace before it is lost, however old its last heartbeat is; past that, it is lost as before."""
+    m = model()
+    quiet = node("n1")
+    quiet.status.heartbeat_at = NOW - datetime.timedelta(seconds=120)
+    stranded = instance("stranded", of=m, phase=resources.Phase.READY, node_name="n1", ready_at=NOW)
+
+    def lost_after(regained_s_ago: float) -> list[str]:
+        world = planning.World(
+            models=[m], instances=[stranded], nodes=[quiet], defaults=config.ModelDefaults(),
+            heartbeat_floor=NOW - datetime.timedelta(seconds=regained_s_ago),
+        )  # fmt: skip
+        return [a.node for a in planning.plan(world, now=NOW) if isinstance(a, planning.NodeLost)]
+
+    assert lost_after(10) == []
+    assert lost_after(31) == ["n1"]
+
+
 # --- eviction tenure ----------------------------------------------------------------------------
 
 

@@ -17,6 +17,12 @@ stage or drains more, `cold_oom_evict_stage2_drain_complete` once the node is cl
 `cold_oom_wait_capacity` once for stage 3. The evictions are counted in the profile's status
 (`coldOomEvictions`); the drained instances end with `instance_terminate` reason `cold_oom_stage1`/`2`.
 
+A node is lost when its agent wrote no heartbeat for `planning.NODE_LOST_AFTER`, counted from the later of
+its last heartbeat and the moment this operator could read the store (its first pass, or the first after
+passes that could not): agents cannot write heartbeats while the API server is away either, so an outage,
+or an operator that restarts after one, never reads as every node lost at once (Kubernetes' node
+lifecycle controller gives nodes the same grace).
+
 It decides nothing itself — every decision is in `planning`.
 """
 
@@ -104,7 +110,9 @@ class Controller:
         record: Recorder = _no_record,
         observe: WorldSource | None = None,
         drain_grace_s: float = planning.DRAIN_GRACE.total_seconds(),
+        clock: Callable[[], datetime.datetime] = store.utcnow,
     ) -> None:
+        self._clock = clock
         self._store = resource_store
         self._observe = observe or world_source(resource_store)
         self._defaults = defaults
@@ -115,20 +123,39 @@ class Controller:
         self._lost_nodes: set[str] = set()  # nodes said to be lost, until they are not
         self._drain_grace = datetime.timedelta(seconds=drain_grace_s)
         self._cold_logged: set[tuple[str, str]] = set()  # (instance, event) of cold-start stages logged
+        # Whether the last pass could not read the store (or none has yet: an operator that starts, perhaps
+        # after the API server was away long enough to cost it the Lease, has seen no heartbeat go by), and
+        # when a pass could read it again: from then, each node has the whole grace to write a heartbeat.
+        self._blind = True
+        self._regained_at: datetime.datetime | None = None
 
     async def reconcile_once(self) -> list[planning.Action]:
-        observed = await self._observe()
+        try:
+            observed = await self._observe()
+        except Exception:
+            self._blind = True
+            raise
+        if self._blind:  # the agents' heartbeats could not get through either: each node's grace starts again
+            if self._regained_at is not None:
+                log.info(
+                    "the store answers again; every node has %d s from now to write a heartbeat",
+                    planning.NODE_LOST_AFTER.total_seconds(),
+                    extra={"event": "store_regained"},
+                )
+            self._blind = False
+            self._regained_at = self._clock()
         world = planning.World(
             models=observed.models,
             instances=observed.instances,
             nodes=observed.nodes,
             defaults=self._defaults(),
             drain_grace=self._drain_grace,
+            heartbeat_floor=self._regained_at,
         )
         names = {instance.name for instance in world.instances}
         self._unschedulable = {name: why for name, why in self._unschedulable.items() if name in names}
         self._cold_logged = {logged for logged in self._cold_logged if logged[0] in names}
-        now = store.utcnow()
+        now = self._clock()
         actions = planning.plan(world, now=now)
         self._lost_nodes &= {action.node for action in actions if isinstance(action, planning.NodeLost)}
         model_uids = {model.name: model.metadata.uid for model in world.models}

@@ -124,6 +124,9 @@ class World:
     defaults: config.ModelDefaults
     node_lost_after: datetime.timedelta = NODE_LOST_AFTER
     drain_grace: datetime.timedelta = DRAIN_GRACE
+    # When the operator could read the store again after it could not: no heartbeat counts as older, since
+    # the agents could not write theirs either (Kubernetes' node lifecycle controller does the same)
+    heartbeat_floor: datetime.datetime | None = None
 
 
 def plan(world: World, *, now: datetime.datetime) -> list[Action]:
@@ -159,10 +162,13 @@ def plan(world: World, *, now: datetime.datetime) -> list[Action]:
 
 
 def _lost_nodes(world: World, *, now: datetime.datetime) -> list[NodeLost]:
-    """Nodes whose agent stopped writing heartbeats (a node that never wrote one is only not ready yet)."""
+    """Nodes whose agent stopped writing heartbeats (a node that never wrote one is only not ready yet); after
+    an API-server outage, every node gets the whole grace again from `heartbeat_floor`."""
     lost = []
     for node in world.nodes:
         beat = node.status.heartbeat_at
+        if beat is not None and world.heartbeat_floor is not None:
+            beat = max(beat, world.heartbeat_floor)
         if beat is not None and now - beat > world.node_lost_after:
             seconds = int((now - beat).total_seconds())
             lost.append(NodeLost(node.name, f"no heartbeat from its agent for {seconds} s; its instances are replaced"))
