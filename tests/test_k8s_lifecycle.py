@@ -93,6 +93,10 @@ async def cluster(
     found = Cluster(real_apiserver, namespace, tmp_path, config_path, store, {})
     try:
         yield found
+    except BaseException:
+        for name, child in found.children.items():  # shown with the failure: what each role said last
+            print(f"===== {name} ({child.log_path}): its last lines\n{child.log_tail(40)}")
+        raise
     finally:
         for child in found.children.values():
             await processes.stop(child, grace_s=15)
