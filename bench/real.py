@@ -358,7 +358,7 @@ def render(results: dict[str, Any]) -> str:
 
     lines = [
         f"{'streams':>8}{'path':>9}{'tokens/s':>10}{'x direct':>10}{'per round':>11}{'its interval':>16}"
-        f"{'TTFT ms':>10}{'added ms':>10}{'its CPU ms/100 tok':>20}"
+        f"{'TTFT ms':>10}{'added ms':>10}{'its CPU ms/100 tok':>20}{'llama ms/tok':>14}"
     ]
     errors = 0
     for concurrency, row in results["table"].items():
@@ -372,13 +372,18 @@ def render(results: dict[str, Any]) -> str:
                 f"{concurrency:>8}{target:>9}{number(cell['tokens_per_s'], 1):>10}{number(cell['ratio'], 3):>10}"
                 f"{number(cell.get('round_ratio'), 3):>11}{span:>16}"
                 f"{number(cell['ttft_ms'], 1):>10}{number(cell['added_ttft_ms'], 2):>10}{number(cpu, 1):>20}"
+                f"{number(cell['llama_cpu_s_per_1k_tokens'], 1):>14}"
             )
     lines.append(
         f"(x direct: median tokens/s over direct's; per round: median of each round's tokens/s over direct's in "
         f"the same round, the check's figure, with its 95% bootstrap interval; TTFT: median over rounds of each "
         f"run's median; {results['rounds']} round(s), {results['tokens']} tokens per stream; relay = "
-        f"bench/bare_relay.py; CPU = the relaying process's; errors: {errors})"
+        f"bench/bare_relay.py; CPU = the relaying process's; llama ms/tok = llama-server's CPU per token: it "
+        f"rises when its threads wait for one another, which is how CPU taken from it shows; errors: {errors})"
     )
+    for concurrency, row in results["table"].items():
+        ratios = " ".join(f"{value:.3f}" for value in row["gateway"].get("round_ratios", []))
+        lines.append(f"gateway / direct, round by round, {concurrency} streams: {ratios or '-'}")
     paired_rows = [(c, row["paired"]) for c, row in results["table"].items() if "paired" in row]
     if paired_rows:
         lines.append("")
@@ -403,7 +408,7 @@ def render(results: dict[str, Any]) -> str:
     lines.append("")
     for item in results["checks"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[item["passed"]]
-        lines.append(f"{item['name']:48}{number(item['measured'], 3):>10}  limit {item['limit']:g}  {verdict}")
+        lines.append(f"{item['name']:48}{number(item['measured'], 4):>10}  limit {item['limit']:g}  {verdict}")
     return "\n".join(lines)
 
 
