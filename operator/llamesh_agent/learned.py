@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import logging
 from pathlib import Path
@@ -176,6 +177,7 @@ def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+@functools.cache  # the installed package does not change under a running process; reading it parses METADATA
 def _llamesh_version() -> str:
     try:
         return importlib.metadata.version("llamesh")
