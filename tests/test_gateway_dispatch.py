@@ -207,28 +207,34 @@ async def test_prewarm_asks_for_one_instance_only() -> None:
         assert gw.dispatcher.prewarm(target(gw)) is None
 
 
+async def one_leased_instance(gw: gateway.Gateway) -> tuple[str, dispatch.Lease]:
+    """A READY instance that one request asked for, and that request's lease on it."""
+    waiting = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
+    (name,) = await gs.eventually(lambda: gs.instance_names(gw))
+    await gs.set_phase(gw.store, name, resources.Phase.READY, port=18005)
+    return name, await asyncio.wait_for(waiting, 10)
+
+
+async def stored(gw: gateway.Gateway, name: str) -> resources.LlamaInstance:
+    found = await gw.store.get(resources.LlamaInstance, name)
+    assert found is not None
+    return found
+
+
 async def test_usage_is_published_when_it_changes_and_only_then() -> None:
     async with running() as gw:
-        waiting = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
-        (name,) = await gs.eventually(lambda: gs.instance_names(gw))
-        await gs.set_phase(gw.store, name, resources.Phase.READY, port=18005)
-        lease = await asyncio.wait_for(waiting, 10)
+        name, lease = await one_leased_instance(gw)
         published: dict[str, following.Usage] = {}
 
-        async def current() -> resources.LlamaInstance:
-            found = await gw.store.get(resources.LlamaInstance, name)
-            assert found is not None
-            return found
-
         await following.publish_once(gw, published)
-        first = (await current()).status.usage["gw-1"]
+        first = (await stored(gw, name)).status.usage["gw-1"]
         assert first.in_flight == 1 and first.last_request_at is not None
-        version = (await current()).metadata.resource_version
+        version = (await stored(gw, name)).metadata.resource_version
         await following.publish_once(gw, published)
-        assert (await current()).metadata.resource_version == version  # nothing changed, nothing written
+        assert (await stored(gw, name)).metadata.resource_version == version  # nothing changed, nothing written
         gw.dispatcher.release(lease)
         await following.publish_once(gw, published)
-        last = (await current()).status.usage["gw-1"]
+        last = (await stored(gw, name)).status.usage["gw-1"]
         assert last.in_flight == 0 and last.last_request_at is not None
         assert last.last_request_at >= first.last_request_at
 
@@ -237,31 +243,23 @@ async def test_under_steady_traffic_a_newer_stamp_alone_waits_for_the_refresh_in
     """One request after another keeps in_flight at 1: the stamp alone is not written every tick (each write
     wakes every watcher), but at the refresh interval, and at once when the instance goes idle."""
     async with running() as gw:
-        waiting = asyncio.create_task(gw.dispatcher.acquire(target(gw)))
-        (name,) = await gs.eventually(lambda: gs.instance_names(gw))
-        await gs.set_phase(gw.store, name, resources.Phase.READY, port=18005)
-        lease = await asyncio.wait_for(waiting, 10)
+        name, lease = await one_leased_instance(gw)
         published: dict[str, following.Usage] = {}
 
-        async def current() -> resources.LlamaInstance:
-            found = await gw.store.get(resources.LlamaInstance, name)
-            assert found is not None
-            return found
-
         await following.publish_once(gw, published)
-        first = (await current()).status.usage["gw-1"]
-        version = (await current()).metadata.resource_version
+        first = (await stored(gw, name)).status.usage["gw-1"]
+        version = (await stored(gw, name)).metadata.resource_version
         gw.dispatcher.release(lease)  # the next request follows at once: still one in flight at the tick
         lease = await asyncio.wait_for(gw.dispatcher.acquire(target(gw)), 10)
         assert gw.dispatcher.last_request_at[name] > first.last_request_at.timestamp()
         await following.publish_once(gw, published)
-        assert (await current()).metadata.resource_version == version
+        assert (await stored(gw, name)).metadata.resource_version == version
         await following.publish_once(gw, published, refresh_s=0.0)  # the interval has passed
-        refreshed = (await current()).status.usage["gw-1"]
+        refreshed = (await stored(gw, name)).status.usage["gw-1"]
         assert refreshed.in_flight == 1 and refreshed.last_request_at > first.last_request_at
         gw.dispatcher.release(lease)
         await following.publish_once(gw, published)  # idle: written at once, whatever the interval
-        idle = (await current()).status.usage["gw-1"]
+        idle = (await stored(gw, name)).status.usage["gw-1"]
         assert idle.in_flight == 0 and idle.last_request_at >= refreshed.last_request_at
 
 
