@@ -193,8 +193,8 @@ async def test_a_lost_nodes_instances_are_deleted_and_a_second_loss_is_reported_
     assert [(name, reason) for name, reason, _ in recorded.events] == [("n1", "NodeLost"), ("on-lost", "Deleted")]
     assert "no heartbeat" in recorded.events[1][2]
 
-    back = ago(-31)  # now, on the loop's clock
-    await memory.patch_status(resources.LlamaNode, "n1", {"heartbeatAt": back})  # its agent is back
+    now = ago(-later.total_seconds())  # on the loop's clock
+    await memory.patch_status(resources.LlamaNode, "n1", {"heartbeatAt": now})  # its agent is back
     await loop.reconcile_once()
     await memory.patch_status(resources.LlamaNode, "n1", {"heartbeatAt": ago(120)})  # and gone again
     await loop.reconcile_once()
