@@ -322,6 +322,26 @@ async def test_upstream_dying_mid_body_is_a_payload_error(pool: upstream_http.Po
         assert pool.idle_connections(server.url) == 0
 
 
+async def test_a_broken_chunk_fails_the_body_even_while_the_server_keeps_the_connection(
+    pool: upstream_http.Pool,
+) -> None:
+    async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the head is parsed and answered before the broken chunk comes
+        writer.write(b"zz\r\nnot a chunk\r\n")
+        await writer.drain()
+        return True  # and then silence, the connection open
+
+    async with upstream(answer) as server:
+        response = await ask(pool, server.url)
+        with pytest.raises(aiohttp.ClientPayloadError, match="Invalid character in chunk size"):
+            async with asyncio.timeout(30):  # aiohttp alone left the reader waiting for ever
+                await response.read()
+        response.close()
+        assert pool.idle_connections(server.url) == 0
+
+
 async def test_dying_before_the_answer_is_a_disconnect(pool: upstream_http.Pool) -> None:
     async with upstream(replying(b"", keep=False)) as server:
         with pytest.raises(aiohttp.ServerDisconnectedError):
@@ -398,6 +418,100 @@ async def test_stall_in_the_body_hits_the_read_timeout_and_the_total_timeout(poo
         with pytest.raises(TimeoutError):
             await response.readany()
         response.close()
+
+
+def chunked_events(events: list[bytes], *, gap_s: float = 0.02, end: bool = True) -> Answer:
+    """A chunked `text/event-stream` answer, one event per write, `gap_s` apart; kept open after it."""
+
+    async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for event in events:
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(gap_s)
+        if end:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        return True
+
+    return answer
+
+
+async def test_reads_in_the_callback_see_every_piece_in_it_and_end_with_the_body(pool: upstream_http.Pool) -> None:
+    events = [b'data: {"n":%d}\n\n' % n for n in range(6)]
+    async with upstream(chunked_events(events)) as server:
+        response = await ask(pool, server.url)
+        seen: list[tuple[bytes, bool]] = []
+
+        def after_read() -> bool:
+            seen.append((response.content.read_nowait(), asyncio.current_task() is None))
+            return not response.content.is_eof()
+
+        await response.read_in_callback(after_read)
+        assert response.content.is_eof()
+        assert b"".join(data for data, _ in seen) == b"".join(events)
+        assert all(in_callback for _, in_callback in seen[1:])  # the first call is the caller's own
+        assert len([data for data, _ in seen if data]) >= 3  # pieces as they came, not the body at once
+        assert await response.readany() == b""
+        response.close()
+        assert pool.idle_connections(server.url) == 1  # read to its end: kept, with nothing left attached
+        again = await ask(pool, server.url)  # the kept connection answers the next request as usual
+        received = b""
+        while chunk := await again.readany():
+            received += chunk
+        assert received == b"".join(events)
+        again.close()
+        assert server.connections == 1
+
+
+async def test_answering_false_leaves_the_rest_of_the_body_to_the_reader(pool: upstream_http.Pool) -> None:
+    events = [b'data: {"n":%d}\n\n' % n for n in range(6)]
+    async with upstream(chunked_events(events)) as server:
+        response = await ask(pool, server.url)
+        taken: list[bytes] = []
+
+        def after_read() -> bool:
+            taken.append(response.content.read_nowait())
+            return b"".join(taken).count(b"data:") < 2
+
+        await response.read_in_callback(after_read)
+        rest = b""
+        while chunk := await response.readany():
+            rest += chunk
+        assert b"".join(taken) + rest == b"".join(events)
+        assert b"".join(taken).count(b"data:") == 2
+        response.close()
+
+
+async def test_reads_in_the_callback_end_on_a_dying_upstream_a_read_timeout_and_the_total_timeout(
+    pool: upstream_http.Pool,
+) -> None:
+    first = [b'data: {"n":0}\n\n']
+
+    def taking(response: upstream_http.Response) -> Callable[[], bool]:
+        def after_read() -> bool:
+            response.content.read_nowait()
+            return True  # never stops by itself: only the connection's fate ends the wait
+
+        return after_read
+
+    async with upstream(replying(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nten bytes.", keep=False)) as s:
+        response = await ask(pool, s.url)
+        await response.read_in_callback(taking(response))
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.readany()
+        response.close()
+    async with upstream(chunked_events(first, end=False)) as server:
+        response = await ask(pool, server.url, read_timeout_s=0.2)
+        await response.read_in_callback(taking(response))
+        with pytest.raises(aiohttp.SocketTimeoutError):
+            await response.readany()
+        response.close()
+        response = await ask(pool, server.url, total_s=0.3)
+        with pytest.raises(TimeoutError):
+            await response.read_in_callback(taking(response))
+        response.close()
+        assert pool.idle_connections(server.url) == 0
 
 
 async def test_refused_connection_is_a_connector_error(pool: upstream_http.Pool) -> None:

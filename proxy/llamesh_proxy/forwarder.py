@@ -8,6 +8,14 @@ status; a streaming one (`"stream": true`, 2xx) is relayed chunk by chunk as it 
 write so a slow client slows the upstream read (backpressure). SSE is not parsed: the last few chunks are
 kept by reference and searched once at the end for `usage.completion_tokens`.
 
+To an HTTP/1.1 client, once the first chunk and the head are out, the rest of a stream is written in the
+upstream connection's read callback (`_Passthrough`, `upstream_http.Response.read_in_callback`): each read's
+bytes, as aiohttp's parser took them out of their chunks, go to the client as one chunk while the client's
+connection has nothing unsent, and the relaying task sleeps until the body ends or fails. Against a real
+llama-server, whose tokens come one per read, waking the task, its reader and aiohttp's writer for every
+token was most of the gateway's user CPU per token (bench/README.md, "Eighth pass"). A read that finds the
+client behind is left to the task, which writes it with backpressure as above and comes back after.
+
 Failures: no answer from upstream (refused, reset, timed out) is a 502 `upstream_error`. Once a stream has
 started its status cannot change, so for an upstream that dies mid-stream we send one last SSE event in
 OpenAI's error shape, `data: {"error": {"message", "type": "upstream_error", ...}}` (the OpenAI SDKs raise
@@ -27,6 +35,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
+from typing import cast
 
 import aiohttp
 from aiohttp import web
@@ -232,10 +241,14 @@ class Forwarder:
         response = web.StreamResponse(status=upstream.status, headers=self._client_headers(upstream))
         response.headers.update(STREAM_HEADERS)
         response.headers["X-Request-Id"] = request_id
-        tail: list[bytes] = []
-        events = 0
+        relayed = _Relayed()
         failure = ""
         content = upstream.content  # read directly: one coroutine less per chunk
+        passthrough: _Passthrough | None = None
+        if isinstance(upstream, upstream_http.Response) and request.version == aiohttp.HttpVersion11:
+            response.enable_chunked_encoding()  # what aiohttp does for HTTP/1.1 anyway; said, so ours match
+            if request.transport is not None:
+                passthrough = _Passthrough(content, request.transport, relayed)
         try:
             await response.prepare(request)
             while True:
@@ -248,15 +261,19 @@ class Forwarder:
                 if not chunk:
                     break
                 await response.write(chunk)  # waits while the client is slow: backpressure
-                tail.append(chunk)
-                if len(tail) > TAIL_CHUNKS:
-                    del tail[0]
-                events += chunk.count(b"data:")
+                relayed.add(chunk)
+                if passthrough is not None:  # the head is out: the rest in the read callback, while it can
+                    try:
+                        await cast(upstream_http.Response, upstream).read_in_callback(passthrough.relay)
+                    except _UPSTREAM_FAILURES as exc:  # the total timeout
+                        relay.upstream_failed = True
+                        failure = _describe(exc)
+                        break
         except ConnectionResetError:
             relay.client_gone = True
             return response
-        ending = b"".join(tail)[-TAIL_BYTES:]
-        relay.tokens = completion_tokens(ending, data_events=events)
+        ending = b"".join(relayed.tail)[-TAIL_BYTES:]
+        relay.tokens = completion_tokens(ending, data_events=relayed.events)
         relay.cached_tokens = cached_tokens(ending)
         if relay.upstream_failed:
             # The status is sent: what is left is an error event, then a truncated body (no final chunk).
@@ -272,6 +289,49 @@ class Forwarder:
         for name in RESPONSE_HEADERS_DROPPED:
             headers.popall(name, None)
         return headers
+
+
+class _Relayed:
+    """A stream's last few chunks, by reference, and its count of SSE `data:` events."""
+
+    __slots__ = ("events", "tail")
+
+    def __init__(self) -> None:
+        self.tail: list[bytes] = []
+        self.events = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.tail.append(chunk)
+        if len(self.tail) > TAIL_CHUNKS:
+            del self.tail[0]
+        self.events += chunk.count(b"data:")
+
+
+class _Passthrough:
+    """Writes a stream's body to the client in the upstream connection's read callback
+    (`upstream_http.Response.read_in_callback`), chunk-encoded, while the client's connection keeps up.
+
+    The relaying task then sleeps until the body ends or fails; nothing is woken per token. The first read
+    that finds the client's connection with bytes still unsent (or closing) is left in `content` and ends
+    this: the task reads it and writes it with backpressure, and comes back here once a write went out."""
+
+    __slots__ = ("_client", "_content", "_relayed")
+
+    def __init__(self, content: aiohttp.StreamReader, client: asyncio.Transport, relayed: _Relayed) -> None:
+        self._content = content
+        self._client = client
+        self._relayed = relayed
+
+    def relay(self) -> bool:
+        """Write what the body has to the client; whether to go on doing so after the next read."""
+        content, client = self._content, self._client
+        if content.exception() is not None or client.is_closing() or client.get_write_buffer_size():
+            return False
+        data = content.read_nowait()
+        if data:
+            client.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self._relayed.add(data)
+        return not content.is_eof()
 
 
 def stream_error_event(failure: str, *, after: bytes) -> bytes:

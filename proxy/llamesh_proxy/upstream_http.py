@@ -38,7 +38,8 @@ import logging
 import sys
 import time
 import urllib.parse
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp import client_proto, client_reqrep, helpers, http_exceptions, streams
@@ -73,11 +74,72 @@ class _Protocol(client_proto.ResponseHandler):
     not, and aiohttp's `resume_reading` then feeds the parser an empty chunk and resumes the transport.
     Nothing was paused (neither flow control nor a full buffer paused the transport or the parser) means
     there is nothing to resume: that was 5% of the gateway's time under the streaming load (bench/,
-    profiled). A paused protocol resumes exactly as aiohttp's does."""
+    profiled). A paused protocol resumes exactly as aiohttp's does.
+
+    Two more: a body the parser refuses fails the body's reader (`set_exception`), and while
+    `Response.read_in_callback` runs, its callable is called after each read (`data_received`)."""
+
+    _after_read: Callable[[], bool] | None = None  # `Response.read_in_callback`'s callable, while it runs
+    _reads_done: asyncio.Future[None] | None = None  # what `read_in_callback` waits on
+    _in_after_read = False
+    _read_again = False
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._after_read is not None:
+            self._run_after_read()
+
+    def _run_after_read(self) -> None:
+        """Call `_after_read` until it has seen every byte fed to the body; end the reads when it says so.
+
+        aiohttp's parser keeps what arrives while reading is paused, and hands it to the body when a read of
+        the body resumes it, which is inside `_after_read`: that call comes here again, and is answered by
+        one more round of the loop below, not by `_after_read` within itself."""
+        if self._in_after_read:
+            self._read_again = True
+            return
+        self._in_after_read = True
+        try:
+            while (after_read := self._after_read) is not None:
+                self._read_again = False
+                if not after_read():
+                    self.end_reads_in_callback()
+                    return
+                if not self._read_again:
+                    return
+        finally:
+            self._in_after_read = False
+
+    def set_exception(self, exc: BaseException, *args: Any, **kwargs: Any) -> None:
+        super().set_exception(exc, *args, **kwargs)
+        payload = self._payload
+        if (
+            isinstance(exc, http_exceptions.HttpProcessingError)
+            and payload is not None
+            and payload.exception() is None
+            and not payload.is_eof()
+        ):
+            # The parser refused bytes of the body (a broken chunk): aiohttp fails the protocol and closes
+            # the connection, but nothing fails the body's reader, which then waits for ever (or until the
+            # total timeout) on a connection that is gone.
+            what = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+            message = f"Response payload is not completed: {what}"
+            payload.set_exception(aiohttp.ClientPayloadError(message), exc)
+        self.end_reads_in_callback()  # a read timeout, a refused answer: the body's reader sees it next
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.end_reads_in_callback()
+
+    def end_reads_in_callback(self) -> None:
+        self._after_read = None
+        done, self._reads_done = self._reads_done, None
+        if done is not None and not done.done():
+            done.set_result(None)
 
 
 class UpstreamResponseError(aiohttp.ClientResponseError):
@@ -137,6 +199,7 @@ class Response:
         "_payload",
         "_pool",
         "_protocol",
+        "_timer",
         "content",
         "event_stream",
         "headers",
@@ -153,6 +216,7 @@ class Response:
         headers: CIMultiDictProxy[str],
         payload: streams.StreamReader,
         handle: helpers.TimeoutHandle,
+        timer: helpers.BaseTimerContext,
         deadline: asyncio.TimerHandle | None,
     ) -> None:
         self._pool = pool
@@ -161,6 +225,7 @@ class Response:
         self._payload = payload
         self.content = payload  # the body's StreamReader, for a caller that reads it chunk by chunk
         self._handle = handle
+        self._timer = timer  # the total timeout, for what waits on the body (as `content`'s reads do)
         self._deadline = deadline
         self.status = status
         self.headers = headers
@@ -169,6 +234,27 @@ class Response:
     async def readany(self) -> bytes:
         """The next piece of the body as it arrives; b"" at its end."""
         return await self._payload.readany()
+
+    async def read_in_callback(self, after_read: Callable[[], bool]) -> None:
+        """Call `after_read` now, and then after every read from the connection, in the protocol's callback
+        that read it, with what the read carried of the body in `content` (take it with `read_nowait`);
+        return when it answers False, or when the connection fails, times out (`TimeoutError`, as a read
+        of `content` would raise) or is lost. Meanwhile nothing waits on `content`, so nothing is woken per
+        read: for a stream of small pieces that is most of what relaying a piece costs (bench/README.md).
+        Answering False leaves what is still in `content` to be read as usual."""
+        protocol = self._protocol
+        if not isinstance(protocol, _Protocol) or not protocol.is_connected():
+            return
+        done = protocol._reads_done = asyncio.get_running_loop().create_future()
+        protocol._after_read = after_read
+        try:
+            protocol._run_after_read()  # what came before the call
+            if not done.done():
+                with self._timer:
+                    await done
+        finally:
+            if protocol._reads_done is done:
+                protocol.end_reads_in_callback()
 
     async def read(self) -> bytes:
         """The rest of the body."""
@@ -287,6 +373,7 @@ class Pool:
             headers=message.headers,
             payload=payload,
             handle=handle,
+            timer=timer,
             deadline=deadline,
         )
 
