@@ -106,6 +106,8 @@ class OpenStreamsResult(TypedDict):
 class GenerateResult(StreamResult):
     ttft_ms: list[float]
     alt_ttft_ms: list[float]
+    stream_rates: list[float]  # each stream's tokens over its seconds from sending to its end, in order; NaN: failed
+    alt_stream_rates: list[float]
 
 
 class FirstTokenResult(TypedDict):
@@ -415,8 +417,9 @@ def content_tokens(event_lines: list[bytes]) -> int:
 
 async def generate_one(
     session: aiohttp.ClientSession, url: str, body: bytes, errors: Errors
-) -> tuple[int, float] | None:
-    """One stream: (tokens, ms from sending to the first token), or None when it failed."""
+) -> tuple[int, float, float] | None:
+    """One stream: (tokens, ms from sending to the first token, seconds from sending to its end), or None when
+    it failed."""
     sent = time.perf_counter()
     first_ms = math.nan
     tokens = 0
@@ -436,7 +439,7 @@ async def generate_one(
     except (aiohttp.ClientError, TimeoutError) as exc:
         errors.add(repr(exc))
         return None
-    return tokens, first_ms
+    return tokens, first_ms, time.perf_counter() - sent
 
 
 async def generate(
@@ -452,6 +455,7 @@ async def generate(
     errors = Errors()
     per_stream: list[int] = []
     ttft: dict[str, list[float]] = {url: [], **({alt_url: []} if alt_url else {})}
+    rates: dict[str, list[float]] = {target: [] for target in ttft}
     targets = list(ttft)
 
     async def worker(index: int) -> None:
@@ -461,6 +465,7 @@ async def generate(
             if outcome is not None:
                 per_stream.append(outcome[0])
                 ttft[target].append(outcome[1])
+            rates[target].append(math.nan if outcome is None else outcome[0] / outcome[2])
 
     async def pairs() -> None:
         for _ in range(streams):
@@ -469,6 +474,7 @@ async def generate(
                 if outcome is not None:
                     per_stream.append(outcome[0])
                 ttft[target].append(math.nan if outcome is None else outcome[1])
+                rates[target].append(math.nan if outcome is None else outcome[0] / outcome[2])
 
     started = time.perf_counter()
     if together and alt_url:
@@ -477,7 +483,13 @@ async def generate(
         await asyncio.gather(*(worker(index) for index in range(concurrency)))
     seconds = time.perf_counter() - started
     totals = stream_totals("generate", concurrency=concurrency, per_stream=per_stream, errors=errors, seconds=seconds)
-    return GenerateResult(**totals, ttft_ms=ttft[url], alt_ttft_ms=ttft[alt_url] if alt_url else [])
+    return GenerateResult(
+        **totals,
+        ttft_ms=ttft[url],
+        alt_ttft_ms=ttft[alt_url] if alt_url else [],
+        stream_rates=rates[url],
+        alt_stream_rates=rates[alt_url] if alt_url else [],
+    )
 
 
 async def first_token(session: aiohttp.ClientSession, url: str, body: bytes) -> FirstTokenResult:

@@ -242,8 +242,9 @@ def fake_upstream_argv(port: int) -> list[str]:
     return [sys.executable, str(FAKE_UPSTREAM), "--host", HOST, "--port", str(port), "-m", "bench.gguf"]
 
 
-def bare_relay_argv(port: int, upstream_url: str) -> list[str]:
-    return [sys.executable, str(BARE_RELAY), "--host", HOST, "--port", str(port), "--upstream", upstream_url]
+def bare_relay_argv(port: int, upstream_url: str, *, force_close: bool = False) -> list[str]:
+    argv = [sys.executable, str(BARE_RELAY), "--host", HOST, "--port", str(port), "--upstream", upstream_url]
+    return [*argv, "--force-close"] if force_close else argv
 
 
 def llamesh_argv(config_path: Path, cookbook_path: Path) -> list[str]:

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -458,6 +459,8 @@ async def test_generate_alternates_two_targets_stream_by_stream(targets: Targets
     assert result["errors"] == 0, result["first_error"]
     assert (len(result["ttft_ms"]), len(result["alt_ttft_ms"])) == (3, 3)
     assert result["tokens"] == 6 * 4
+    assert len(result["stream_rates"]) == len(result["alt_stream_rates"]) == 3  # each stream's tokens/s, in order
+    assert all(rate > 0 for rate in result["stream_rates"] + result["alt_stream_rates"])
     assert all(ttft > 0 for ttft in result["ttft_ms"] + result["alt_ttft_ms"])
     # --together: concurrency / 2 workers, each sending its pair at once, pair after pair (aligned lists)
     options = ("--model", "bench", "--concurrency", "4", "--streams", "3", "--max-tokens", "4")
@@ -550,6 +553,32 @@ def test_real_summary_compares_gateway_with_direct(monkeypatch: pytest.MonkeyPat
         "4 streams: added time to first token, ms": False,
     }
     assert "FAIL" in real.render(results)
+
+
+def test_real_one_stream_tokens_per_second_paired_stream_by_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/real.py's paired tokens/s: each gateway stream over the mean of the direct streams on either side
+    of it, so a drift over the run cancels; failed streams (NaN) are left out; at one stream the check judges
+    this figure instead of the separate runs' per-round one."""
+    _servers, real = bench_modules(monkeypatch, "servers", "real")
+    # the machine slows down steadily by 1 token/s per stream; the gateway costs 2% throughout
+    direct = [100.0 - 2 * index for index in range(20)]
+    gateway = [0.98 * (99.0 - 2 * index) for index in range(20)]
+    paired = real.paired_rate_ratio(direct, gateway)
+    assert paired["ratio"] == pytest.approx(0.98) and paired["pairs"] == 20
+    unpaired = statistics.median(gateway) / statistics.median(direct)
+    assert unpaired < 0.98 - 0.005  # the drift alone, compared whole, makes it look worse
+    assert real.paired_rate_ratio([100.0, float("nan")], [99.0, float("nan")])["pairs"] == 1
+    runs = [
+        {"target": target, "round": 0, "concurrency": 1, "tokens_per_s": rate, "ttft_ms": [20.0], "tokens": 64,
+         "errors": 0, "relay_cpu_s": 0.01, "llama_cpu_s": 1.0}
+        for target, rate in (("direct", 100.0), ("relay", 100.0), ("gateway", 90.0))
+    ]  # fmt: skip
+    results: Json = {"runs": runs, "rounds": 1, "tokens": 64, "paired_rates": {"direct": direct, "gateway": gateway}}
+    real.summarize(results, concurrencies=[1])
+    verdicts = {item["name"]: (item["measured"], item["passed"]) for item in results["checks"]}
+    # the separate run said 0.90; the verdict is the paired figure's
+    assert verdicts["1 streams: tokens/s, gateway / direct"] == (pytest.approx(0.98), True)
+    assert "paired stream by stream" in real.render(results)
 
 
 @shared_loop
