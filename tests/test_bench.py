@@ -573,12 +573,13 @@ def test_real_one_stream_tokens_per_second_paired_stream_by_stream(monkeypatch: 
          "errors": 0, "relay_cpu_s": 0.01, "llama_cpu_s": 1.0}
         for target, rate in (("direct", 100.0), ("relay", 100.0), ("gateway", 90.0))
     ]  # fmt: skip
-    results: Json = {"runs": runs, "rounds": 1, "tokens": 64, "paired_rates": {"direct": direct, "gateway": gateway}}
+    paired_rates = {"1": {"direct": direct, "gateway": gateway}}
+    results: Json = {"runs": runs, "rounds": 1, "tokens": 64, "paired_rates": paired_rates}
     real.summarize(results, concurrencies=[1])
     verdicts = {item["name"]: (item["measured"], item["passed"]) for item in results["checks"]}
     # the separate run said 0.90; the verdict is the paired figure's
     assert verdicts["1 streams: tokens/s, gateway / direct"] == (pytest.approx(0.98), True)
-    assert "paired stream by stream" in real.render(results)
+    assert "gateway / direct, paired, 1 streams: 0.9800" in real.render(results)
 
 
 @shared_loop
