@@ -35,7 +35,6 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
-from typing import cast
 
 import aiohttp
 from aiohttp import web
@@ -245,10 +244,12 @@ class Forwarder:
         failure = ""
         content = upstream.content  # read directly: one coroutine less per chunk
         passthrough: _Passthrough | None = None
+        read_in_callback = None
         if isinstance(upstream, upstream_http.Response) and request.version == aiohttp.HttpVersion11:
             response.enable_chunked_encoding()  # what aiohttp does for HTTP/1.1 anyway; said, so ours match
             if request.transport is not None:
                 passthrough = _Passthrough(content, request.transport, relayed)
+                read_in_callback = upstream.read_in_callback
         try:
             await response.prepare(request)
             while True:
@@ -262,9 +263,9 @@ class Forwarder:
                     break
                 await response.write(chunk)  # waits while the client is slow: backpressure
                 relayed.add(chunk)
-                if passthrough is not None:  # the head is out: the rest in the read callback, while it can
-                    try:
-                        await cast(upstream_http.Response, upstream).read_in_callback(passthrough.relay)
+                if passthrough is not None and read_in_callback is not None:  # the head is out: the rest
+                    try:  # in the read callback, while it can
+                        await read_in_callback(passthrough.relay)
                     except _UPSTREAM_FAILURES as exc:  # the total timeout
                         relay.upstream_failed = True
                         failure = _describe(exc)
