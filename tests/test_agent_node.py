@@ -505,6 +505,40 @@ async def test_an_instance_listed_before_its_model_is_started_once_the_model_is(
         await harness.wait_phase("early", Phase.READY)
 
 
+class ModelWatchStalled(store.MemoryStore):
+    """A store whose LlamaModel watches deliver nothing while `stalled` is set: as after an API server restart,
+    when the instance watch has resumed and the model watch has not yet listed again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled = asyncio.Event()
+
+    async def watch(
+        self, kind: type[store.R], *, resource_version: str | None = None
+    ) -> AsyncIterator[store.Event[store.R]]:
+        async for event in super().watch(kind, resource_version=resource_version):
+            if kind is resources.LlamaModel and self.stalled.is_set():
+                continue
+            yield event
+
+
+async def test_an_instance_whose_model_the_stale_cache_lacks_is_started_from_a_live_read(tmp_path: Path) -> None:
+    # the model exists in the store, but the agent's model watch has not delivered it: a live read decides,
+    # so the instance is started rather than failed for "no profile" (an API-server-restart race seen in CI)
+    stalled = ModelWatchStalled()
+    async with running_agent(tmp_path, resource_store=stalled) as harness:
+        await passes(harness.agent)
+        stalled.stalled.set()
+        await harness.add_model("late")
+        await harness.schedule("late-one", model="late")
+        await harness.wait_phase("late-one", Phase.READY)
+        assert "late" not in harness.agent._models  # it was the live read, not the watch, that found it
+        # a model the store does not have either is still failed, with the same message
+        await harness.schedule("orphan", model="gone")
+        failed = await harness.wait_phase("orphan", Phase.FAILED)
+        assert "no profile 'default' of model 'gone'" in failed.status.message
+
+
 async def test_arguments_that_make_no_command_line_fail(harness: Harness) -> None:
     await harness.add_model(llama_server_args="--port http")
     await harness.schedule("badargs")

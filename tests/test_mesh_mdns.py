@@ -133,7 +133,10 @@ async def test_two_nodes_in_network_namespaces_find_each_other(tmp_path: Path) -
                 await waiting.eventually(both_see_each_other, within_s=60, interval_s=0.5, what="mDNS peers")
             except AssertionError:
                 raise AssertionError(f"a:\n{a.log_tail()}\nb:\n{b.log_tail()}") from None
-            assert '"event": "mesh_mdns_peer"' in a.log_text()
+            # b may have found a first and gossiped: a then lists b a moment before its own mDNS line is written
+            await waiting.eventually(
+                lambda: '"event": "mesh_mdns_peer"' in a.log_text(), within_s=30, what="a's mDNS line"
+            )
 
 
 async def test_discovery_on_loopback_finds_the_other_url() -> None:

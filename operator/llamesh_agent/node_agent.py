@@ -53,7 +53,7 @@ from llamesh_agent import (
     updates,
     wedge,
 )
-from llamesh_api import config, informer, resources, writes
+from llamesh_api import config, cookbook, informer, resources, writes
 from llamesh_api import store as store_api  # `store` is NodeAgent's parameter, as the callers spell it
 
 log = logging.getLogger(__name__)
@@ -292,8 +292,19 @@ class NodeAgent:
 
     async def _start(self, name: str) -> None:
         instance = self._instances[name]
-        model = self._models.get(instance.spec.model)
-        profile = model.spec.profile(instance.spec.profile) if model is not None else None
+        try:
+            profile = await self._profile_of(instance)
+        except store_api.StoreError as error:
+            log.info(
+                "instance %s: its model %r is not cached and the store could not be asked (%s); trying again",
+                name,
+                instance.spec.model,
+                error,
+                extra={"event": "instance_start_deferred", "instance_id": name},
+            )
+            return
+        if name not in self._instances or name in self._runners:
+            return  # while the store was asked, the instance went away or another pass started it
         if profile is None:
             await self._mark(
                 name,
@@ -328,6 +339,20 @@ class NodeAgent:
         task = asyncio.create_task(self._run_runner(runner), name=f"instance-{name}")
         self._runner_tasks[name] = task
         self._publish_soon.set()
+
+    async def _profile_of(self, instance: resources.LlamaInstance) -> cookbook.Profile | None:
+        """The instance's profile: from the model cache, or, when the cache lacks it, from a live read.
+
+        The caches are filled by separate watches: after a watch breaks (an API server restart), the
+        instance watch may list a new instance before the model watch lists its new model. Failing the
+        instance on the cache alone would fail a model that exists; so the store decides. A store that
+        cannot answer raises, and the pass is retried (the instance is not failed)."""
+        model = self._models.get(instance.spec.model)
+        profile = model.spec.profile(instance.spec.profile) if model is not None else None
+        if profile is not None:
+            return profile
+        live = await self._store.get(resources.LlamaModel, instance.spec.model)
+        return live.spec.profile(instance.spec.profile) if live is not None else None
 
     async def _run_runner(self, runner: instance_runner.InstanceRunner) -> None:
         try:
