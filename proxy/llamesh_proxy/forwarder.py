@@ -261,8 +261,11 @@ class Forwarder:
                     break
                 if not chunk:
                     break
-                await response.write(chunk)  # waits while the client is slow: backpressure
                 relayed.add(chunk)
+                if content.at_eof() and content.exception() is None:  # the body's last piece: it goes out
+                    await response.write_eof(chunk)  # with the final chunk, in one write
+                    break
+                await response.write(chunk)  # waits while the client is slow: backpressure
                 if passthrough is not None and read_in_callback is not None:  # the head is out: the rest
                     try:  # in the read callback, while it can
                         await read_in_callback(passthrough.relay)
@@ -324,15 +327,17 @@ class _Passthrough:
         self._relayed = relayed
 
     def relay(self) -> bool:
-        """Write what the body has to the client; whether to go on doing so after the next read."""
+        """Write what the body has to the client; whether to go on doing so after the next read.
+
+        The read that carried the body's end is left to the task, which writes it with the final chunk."""
         content, client = self._content, self._client
-        if content.exception() is not None or client.is_closing() or client.get_write_buffer_size():
+        if content.is_eof() or content.exception() is not None or client.is_closing() or client.get_write_buffer_size():
             return False
         data = content.read_nowait()
         if data:
             client.write(b"%x\r\n%b\r\n" % (len(data), data))
             self._relayed.add(data)
-        return not content.is_eof()
+        return True
 
 
 def stream_error_event(failure: str, *, after: bytes) -> bytes:
