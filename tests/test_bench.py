@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import statistics
@@ -401,6 +402,72 @@ def test_report_derives_cpu_per_work_and_checks_gateway_against_relay() -> None:
     (cpu_check,) = [item for item in costly["checks"] if item["name"].startswith("CPU per 1,000 requests")]
     assert cpu_check["measured"] == pytest.approx(1.5)
     assert cpu_check["passed"] is False
+
+
+def test_stream_windows_merge_into_tokens_over_seconds_with_cpu_summed() -> None:
+    report = load_module("report")
+
+    def window(tokens: int, seconds: float, server_s: float, upstream_s: float | None, error: str | None) -> Json:
+        cpu = {"server_s": server_s, "upstream_s": upstream_s, "upstream_pids": [7] if upstream_s else []}
+        return {
+            **{"mode": "stream", "concurrency": 32, "streams": tokens // 64, "tokens": tokens, "seconds": seconds},
+            **{"errors": int(error is not None), "first_error": error, "tokens_per_s": tokens / seconds},
+            **{"tokens_per_stream_min": 64, "tokens_per_stream_max": 64, "cpu": cpu},
+        }
+
+    fast, slow = window(128_000, 2.0, 0.9, 1.1, None), window(64_000, 2.0, 1.0, 1.0, "reset")
+    merged = report.merge_windows([fast, slow])
+    # the rate of the whole, not the mean of the rates (which would weigh a window by its rate)
+    assert merged["tokens_per_s"] == 48_000.0 and merged["tokens"] == 192_000 and merged["seconds"] == 4.0
+    assert merged["streams"] == 3000 and (merged["errors"], merged["first_error"]) == (1, "reset")
+    assert merged["cpu"] == {"server_s": pytest.approx(1.9), "upstream_s": pytest.approx(2.1), "upstream_pids": [7]}
+    assert merged["windows"] == [fast, slow]
+    # direct has no upstream: its upstream CPU stays unknown; a window without a CPU window leaves it all out
+    assert report.merge_windows([window(64_000, 2.0, 1.0, None, None)] * 2)["cpu"]["upstream_s"] is None
+    assert report.merge_windows([fast, {**slow, "cpu": None}])["cpu"] is None
+    with pytest.raises(ValueError):
+        report.merge_windows([])
+    # a merged round is what the report's medians and CPU figures read
+    results = report_results(relay_cpu_s=[2.0] * 3, gateway_cpu_s=[2.0] * 3)
+    results["runs"]["gateway"]["stream"] = [merged] * 3
+    report.summarize(results)
+    assert results["medians"]["gateway"]["tokens_per_s"] == 48_000.0
+    assert results["medians"]["gateway"]["cpu_ms_per_100k_tokens"] == pytest.approx(1.9e3 * 100_000 / 192_000)
+
+
+async def test_rounds_interleave_the_stream_windows_across_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    _servers, _report, run = bench_modules(monkeypatch, "servers", "report", "run")
+    calls: list[tuple[str, str]] = []
+
+    class Recording:
+        async def run(self, url: str, mode: str, *options: str, window: object = None) -> Json:
+            calls.append((url, mode))
+            if mode == "latency":
+                return {"p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "errors": 0, "first_error": None}
+            if mode == "throughput":
+                return {"requests": 100, "requests_per_s": 50.0, "errors": 0, "first_error": None}
+            duration = float(options[options.index("--duration") + 1])
+            return {
+                **{"mode": "stream", "concurrency": 32, "streams": 1, "tokens": 64, "seconds": duration},
+                **{"errors": 0, "first_error": None, "tokens_per_s": 64 / duration},
+                **{"tokens_per_stream_min": 64, "tokens_per_stream_max": 64},
+            }
+
+    targets = {name: SimpleNamespace(url=name, pid=0) for name in ("direct", "relay", "gateway")}
+    monkeypatch.setattr(run, "cpu_window", lambda target, targets: None)
+    plan = dataclasses.replace(run.QUICK, rounds=2, stream_windows=4, stream_s=0.4, settle_s=0.0)
+    runs = await run.run_rounds(Recording(), targets, plan)
+    streams = [url for url, mode in calls if mode == "stream"]
+    assert len(streams) == 2 * 4 * 3
+    # round 1 starts at direct, round 2 at relay; within a round each window starts one target further on
+    d, r, g = "direct", "relay", "gateway"
+    assert streams[:12] == [d, r, g, r, g, d, g, d, r, d, r, g]
+    assert streams[12:15] == ["relay", "gateway", "direct"]
+    for name in targets:
+        merged = runs[name]["stream"]
+        assert len(merged) == 2 and all(len(round_["windows"]) == 4 for round_ in merged)
+        assert merged[0]["seconds"] == pytest.approx(0.4) and merged[0]["tokens"] == 4 * 64
+    assert run.rotated(["a", "b", "c"], 4) == ["b", "c", "a"] and run.rotated([], 3) == []
 
 
 def test_report_without_cpu_figures_says_not_available() -> None:
