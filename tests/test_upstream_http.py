@@ -163,6 +163,40 @@ async def test_chunked_body_arrives_piece_by_piece(pool: upstream_http.Pool) -> 
         assert pool.idle_connections(server.url) == 1
 
 
+async def test_many_chunks_that_wait_are_taken_whole_and_reads_of_n_bytes_still_work(
+    pool: upstream_http.Pool,
+) -> None:
+    # 3,000 tokens' worth of chunks (about 200 kB, over the reader's high-water mark) sent at once: the body
+    # reader ignores chunk boundaries, pauses the socket above its mark, resumes it as it is read, and a
+    # read of everything waiting comes as one piece in order
+    events = [b'data: {"n":%d,"pad":"%s"}\n\n' % (n, b"x" * 40) for n in range(3000)]
+    sent = asyncio.Event()
+
+    async def answer(_request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events) + b"0\r\n\r\n")
+        await writer.drain()
+        sent.set()
+        return True
+
+    async with upstream(answer) as server:
+        response = await ask(pool, server.url)
+        content = response.content
+        assert type(content) is upstream_http._Body
+        await waiting.eventually(lambda: content._protocol._reading_paused, what="reading paused above the mark")
+        assert await content.read(5) == events[0][:5]  # n bytes: aiohttp's own read
+        first = await response.readany()
+        assert first == b"".join(events)[5 : len(first) + 5] and first.count(b"data:") > 100  # many chunks, one piece
+        received = b"".join(events)[: len(first) + 5]
+        async with asyncio.timeout(30):  # a reader that never resumed the socket would wait for ever
+            while chunk := await response.readany():
+                received += chunk
+        assert received == b"".join(events) and sent.is_set()
+        assert content.at_eof() and content.exception() is None
+        response.close()
+        assert pool.idle_connections(server.url) == 1  # read to its end: kept
+
+
 def streaming(*, then_close: asyncio.Event | None) -> Answer:
     """A streamed answer (chunked `text/event-stream`) that says nothing of closing; with `then_close`, the
     connection is closed after it once the event is set (set at once: as soon as it is written), as
