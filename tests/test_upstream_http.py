@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import streams
 from multidict import CIMultiDict
 
 from llamesh_proxy import upstream_http
@@ -195,6 +196,27 @@ async def test_many_chunks_that_wait_are_taken_whole_and_reads_of_n_bytes_still_
         assert content.at_eof() and content.exception() is None
         response.close()
         assert pool.idle_connections(server.url) == 1  # read to its end: kept
+
+
+@pytest.mark.parametrize("informational", [False, True], ids=["head", "100-then-head"])
+async def test_a_body_in_the_same_read_as_its_head_is_never_marked_chunk_by_chunk(
+    pool: upstream_http.Pool, monkeypatch: pytest.MonkeyPatch, informational: bool
+) -> None:
+    # the whole answer in one write: the head goes to the parser alone, so the body's reader is a `_Body`
+    # before the parser feeds it, and aiohttp's per-chunk marks are never made (watched on its class)
+    marks: list[int] = []
+    monkeypatch.setattr(streams.StreamReader, "end_http_chunk_receiving", lambda self: marks.append(1))
+    events = [b'data: {"n":%d}\n\n' % n for n in range(50)]
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    first = b"HTTP/1.1 100 Continue\r\n\r\n" if informational else b""
+    body = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events) + b"0\r\n\r\n"
+    async with upstream(replying(first + head + body)) as server:
+        for _ in range(2):  # a new connection, then the kept one
+            response = await ask(pool, server.url)
+            assert response.status == 200 and type(response.content) is upstream_http._Body
+            assert await response.read() == b"".join(events)
+            response.close()
+        assert server.connections == 1 and marks == []
 
 
 def streaming(*, then_close: asyncio.Event | None) -> Answer:

@@ -83,15 +83,48 @@ class _Protocol(client_proto.ResponseHandler):
     _reads_done: asyncio.Future[None] | None = None  # what `read_in_callback` waits on
     _in_after_read = False
     _read_again = False
+    _head_pending = False  # an answer is expected whose body's reader is not yet a `_Body`
+    _seen_payload: object = None
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
 
+    def set_response_params(self, *args: Any, **kwargs: Any) -> None:
+        super().set_response_params(*args, **kwargs)
+        self._head_pending = True  # an answer is expected: its body's reader is to be made a `_Body`
+        self._seen_payload = self._payload  # the last answer's reader (aiohttp keeps it): not this one's
+
     def data_received(self, data: bytes) -> None:
+        while self._head_pending and data:
+            # The head and the body often come in one read (a short answer, or a stream that ran ahead):
+            # the parser makes the body's reader at the end of the head and feeds it the body within the
+            # same call, so each head goes in alone and the reader becomes a `_Body` before its first byte.
+            # Any split is the same to the parser; a head that ends in a later read is adopted later.
+            end = data.find(b"\r\n\r\n") + 4
+            if not 4 <= end < len(data):
+                break
+            super().data_received(data[:end])
+            self._adopt_body()
+            if self.exception() is not None:
+                return  # the head was refused: the connection is closed, the rest is not parsed
+            data = data[end:]
         super().data_received(data)
+        if self._head_pending:
+            self._adopt_body()
         if self._after_read is not None:
             self._run_after_read()
+
+    def _adopt_body(self) -> None:
+        """Make the expected answer's body reader a `_Body` once the parser has made it (after a 1xx head,
+        or one with no body, it is still to come)."""
+        payload = self._payload
+        if payload is None or payload is self._seen_payload:
+            return
+        self._seen_payload = payload
+        if type(payload) is streams.StreamReader:
+            _Body.adopt(payload)
+            self._head_pending = False
 
     def _run_after_read(self) -> None:
         """Call `_after_read` until it has seen every byte fed to the body; end the reads when it says so.
