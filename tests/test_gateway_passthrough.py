@@ -21,7 +21,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from aiohttp import web
+from aiohttp import http_writer, web
 
 from llamesh_proxy import forwarder, upstream_http
 from rig import waiting
@@ -194,6 +194,54 @@ async def test_pieces_arriving_one_by_one_are_written_in_the_read_callback_and_c
     assert ended_with[0] == events[-1]
     (relay,) = relays
     assert relay.tokens == 3 and not relay.upstream_failed and not relay.client_gone
+
+
+async def test_the_head_goes_out_at_once_when_the_first_token_is_still_to_come(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # llama-server sends its head, then the first token once the prompt is processed: the client has the
+    # head meanwhile; when the first piece came with the upstream's head, both go out in one write instead
+    heads_alone: list[int] = []
+    send_headers = http_writer.StreamWriter.send_headers
+
+    def watched(self: http_writer.StreamWriter) -> None:
+        heads_alone.append(1)
+        send_headers(self)
+
+    monkeypatch.setattr(http_writer.StreamWriter, "send_headers", watched)
+    first_token = asyncio.Event()
+
+    async def slow_first_token(writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD)
+        await writer.drain()
+        await first_token.wait()
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event(1)), event(1)))
+        await writer.drain()
+
+    async with upstream(slow_first_token) as url, gateway(url) as (port, _relays):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b'{"model":"m","stream":true}'
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)  # before any token was sent
+        assert head.startswith(b"HTTP/1.1 200") and not first_token.is_set() and heads_alone == [1]
+        first_token.set()
+        rest = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 30)
+        assert dechunk(rest) == (event(1), True)
+        writer.close()
+
+    heads_alone.clear()
+
+    async def head_with_the_stream(writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"%x\r\n%s\r\n0\r\n\r\n" % (len(event(1)), event(1)))
+        await writer.drain()
+
+    async with upstream(head_with_the_stream) as url, gateway(url) as (port, _relays):
+        answer = await ask(port)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and dechunk(rest) == (event(1), True)
+    assert heads_alone == []  # the head went out with the body, not on its own
 
 
 async def test_a_client_that_stops_reading_holds_the_upstream_back_and_gets_every_byte_in_order(

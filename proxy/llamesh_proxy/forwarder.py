@@ -250,6 +250,11 @@ class Forwarder:
             if request.transport is not None:
                 passthrough = _Passthrough(content, request.transport, relayed)
                 read_in_callback = upstream.read_in_callback
+        if content.total_bytes or content.is_eof():
+            # the body's first piece came with the upstream's head: the client's head waits for it, and the
+            # two go out in one write (aiohttp's StreamResponse sends its head on its own otherwise, which a
+            # stream whose first piece is still to come keeps)
+            response._send_headers_immediately = False
         try:
             await response.prepare(request)
             while True:
