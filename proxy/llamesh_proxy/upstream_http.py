@@ -100,10 +100,12 @@ class _Protocol(client_proto.ResponseHandler):
             # The head and the body often come in one read (a short answer, or a stream that ran ahead):
             # the parser makes the body's reader at the end of the head and feeds it the body within the
             # same call, so each head goes in alone and the reader becomes a `_Body` before its first byte.
-            # Any split is the same to the parser; a head that ends in a later read is adopted later.
+            # Any split is the same to the parser; a head that ends in a later read is adopted later. Only
+            # chunked bodies gain (a Content-Length body is fed as one piece).
             end = data.find(b"\r\n\r\n") + 4
-            if not 4 <= end < len(data):
-                break
+            informational = data[9:10] == b"1"  # "HTTP/1.1 1xx": the answer's own head comes after it
+            if not 4 <= end < len(data) or not (informational or b"chunked" in data[:end]):
+                break  # no head ends here with a body after it, or one of a single piece (Content-Length)
             super().data_received(data[:end])
             self._adopt_body()
             if self.exception() is not None:
