@@ -55,12 +55,18 @@ def median_cpu_ms(runs: Sequence[dict[str, Any]], *, part: str, count_key: str, 
     return median_of(figures, "ms")
 
 
+_WINDOW_COUNTS = {"throughput": ("requests", "requests_per_s"), "stream": ("tokens", "tokens_per_s")}
+
+
 def merge_windows(windows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One round's stream result for a target from its windows (run.py interleaves them with the other
-    targets'): tokens over the windows' seconds, streams, errors and CPU seconds summed; the windows kept."""
+    """One round's throughput or stream result for a target from its windows (run.py interleaves them with
+    the other targets'): the windows' requests or tokens over their seconds, counts, errors and CPU seconds
+    summed; the windows kept."""
     if not windows:
-        raise ValueError("no stream windows to merge")
-    tokens = sum(window["tokens"] for window in windows)
+        raise ValueError("no windows to merge")
+    mode = windows[0]["mode"]
+    count_key, rate_key = _WINDOW_COUNTS[mode]
+    count = sum(window[count_key] for window in windows)
     seconds = sum(window["seconds"] for window in windows)
     cpus = [window.get("cpu") for window in windows]
     cpu = None
@@ -73,20 +79,20 @@ def merge_windows(windows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         pids = sorted({pid for c in cpus if c is not None for pid in c.get("upstream_pids", [])})
         cpu = {"server_s": total("server_s"), "upstream_s": total("upstream_s"), "upstream_pids": pids}
     first_errors = [window["first_error"] for window in windows if window.get("first_error")]
-    return {
-        "mode": "stream",
+    merged: dict[str, Any] = {
+        "mode": mode,
         "concurrency": windows[0]["concurrency"],
-        "streams": sum(window["streams"] for window in windows),
-        "tokens": tokens,
+        count_key: count,
         "errors": sum(window["errors"] for window in windows),
         "first_error": first_errors[0] if first_errors else None,
         "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-        "tokens_per_stream_min": min(window["tokens_per_stream_min"] for window in windows),
-        "tokens_per_stream_max": max(window["tokens_per_stream_max"] for window in windows),
-        "cpu": cpu,
-        "windows": list(windows),
+        rate_key: count / seconds if seconds > 0 else 0.0,
     }
+    if mode == "stream":
+        merged["streams"] = sum(window["streams"] for window in windows)
+        merged["tokens_per_stream_min"] = min(window["tokens_per_stream_min"] for window in windows)
+        merged["tokens_per_stream_max"] = max(window["tokens_per_stream_max"] for window in windows)
+    return {**merged, "cpu": cpu, "windows": list(windows)}
 
 
 def checks(medians: dict[str, dict[str, float | None]], rss_mb: float | None, first_ms: float | None) -> list[Check]:
@@ -172,8 +178,8 @@ def render(results: dict[str, Any]) -> str:
     lines.append(f"{'seconds until all streams were open':44}" + "".join(f"{cell:>12}" for cell in open_s))
     lines.append("(CPU: user + system time of the process alone over each measured window, warm-up excluded;")
     lines.append(" the upstream behind the relay is direct's process, the one behind the gateway its child)")
-    windows = plan.get("stream_windows", 1)
-    interleaved = f"; streaming in {windows} interleaved windows per round" if windows > 1 else ""
+    windows = plan.get("windows", 1)
+    interleaved = f"; throughput and streaming in {windows} interleaved windows per round" if windows > 1 else ""
     lines.append(
         f"(medians of {plan['rounds']} round(s){interleaved}; errors in any run: {results['errors'] or 'none'})"
     )

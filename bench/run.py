@@ -5,12 +5,12 @@
 It starts the fake upstream (direct), the bare relay in front of it, and `llamesh serve` whose llama-server
 is the fake upstream; warms the gateway up (its first request starts the instance); then, in rounds whose
 target order rotates, runs the load generator (bench/load.py, a separate process) against each target:
-non-streaming throughput, latency at one connection, streaming tokens/s (in short windows interleaved
-across the targets, so that every target's figure spans the same stretch of the round), and around the
-measured window of the throughput and streaming loads the CPU time of the server process (and of the
-upstream behind it, for information), for CPU per 1,000 requests and per 100,000 streamed tokens. Then
-the gateway's RSS while 256 streams are open, and scale-from-zero (first token after the spawned upstream
-reported healthy).
+latency at one connection, non-streaming throughput and streaming tokens/s (these two in short windows
+interleaved across the targets, so that every target's figure spans the same stretch of the round), and
+around the measured window of the throughput and streaming loads the CPU time of the server process (and
+of the upstream behind it, for information), for CPU per 1,000 requests and per 100,000 streamed tokens.
+Then the gateway's RSS while 256 streams are open, and scale-from-zero (first token after the spawned
+upstream reported healthy).
 Each metric is the median over the rounds. It prints a table, checks DESIGN.md's performance budget, and
 writes everything, raw runs included, to a JSON file.
 
@@ -43,7 +43,7 @@ class Plan:
     concurrency: int
     throughput_s: float
     stream_s: float
-    stream_windows: int
+    windows: int
     warmup_s: float
     latency_requests: int
     latency_warmup: int
@@ -61,7 +61,7 @@ FULL = Plan(
     concurrency=32,
     throughput_s=8.0,
     stream_s=8.0,
-    stream_windows=4,
+    windows=4,
     warmup_s=1.0,
     latency_requests=2000,
     latency_warmup=200,
@@ -78,7 +78,7 @@ QUICK = Plan(
     concurrency=32,
     throughput_s=2.0,
     stream_s=2.0,
-    stream_windows=1,
+    windows=1,
     warmup_s=0.3,
     latency_requests=300,
     latency_warmup=50,
@@ -356,10 +356,11 @@ def cpu_window(target: str, targets: dict[str, servers.Server]) -> servers.CpuWi
 async def run_rounds(load: LoadRunner, targets: dict[str, servers.Server], plan: Plan) -> dict[str, Any]:
     """Every measurement against every target, `plan.rounds` times; the target order rotates each round.
 
-    Throughput and latency run target after target. Streaming, whose rate on these shared cores moves with
-    the machine by more than the differences measured (direct's own rate moved 119k-155k tokens/s between
-    runs), runs in `plan.stream_windows` windows per target, interleaved across the targets (the order
-    rotating per window too), so each target's figure for the round, its windows' tokens over their seconds
+    Latency runs target after target. Throughput and streaming, whose rates on these shared cores move
+    with the machine by more than the differences measured (direct's own streaming rate moved 119k-155k
+    tokens/s between runs, the relay's CPU per request 116-226 us between rounds), run in `plan.windows`
+    windows per target, interleaved across the targets (the order rotating per window too), so each
+    target's figure for the round, its windows' requests or tokens over their seconds
     (`report.merge_windows`), spans the same stretch of the round as every other target's.
     Throughput and stream runs carry `cpu`: the CPU seconds of the target (and its upstream) over the
     measured window, warm-up excluded.
@@ -369,19 +370,19 @@ async def run_rounds(load: LoadRunner, targets: dict[str, servers.Server], plan:
     }
     names = list(targets)
     common = ["--model", servers.MODEL, "--concurrency", str(plan.concurrency), "--warmup-s", str(plan.warmup_s)]
-    modes = {
-        "throughput": ["throughput", *common, "--duration", str(plan.throughput_s)],
-        "latency": [
-            *("latency", "--model", servers.MODEL),
-            *("--requests", str(plan.latency_requests), "--warmup", str(plan.latency_warmup)),
-        ],
+    latency = [
+        *("--model", servers.MODEL),
+        *("--requests", str(plan.latency_requests), "--warmup", str(plan.latency_warmup)),
+    ]
+    windowed = {
+        "throughput": [*common, "--duration", str(plan.throughput_s / plan.windows)],
+        "stream": [*common, "--duration", str(plan.stream_s / plan.windows)],
     }
-    stream = ["stream", *common, "--duration", str(plan.stream_s / plan.stream_windows)]
 
-    async def measured(target: str, mode: str, load_mode: str, options: list[str]) -> dict[str, Any]:
+    async def measured(target: str, mode: str, options: list[str]) -> dict[str, Any]:
         await asyncio.sleep(plan.settle_s)  # let the previous run's connections close first
         window = cpu_window(target, targets) if mode != "latency" else None
-        result = await load.run(targets[target].url, load_mode, *options, window=window)
+        result = await load.run(targets[target].url, mode, *options, window=window)
         if window is not None:
             result["cpu"] = window.result()
         return result
@@ -389,16 +390,16 @@ async def run_rounds(load: LoadRunner, targets: dict[str, servers.Server], plan:
     for round_index in range(plan.rounds):
         order = rotated(names, round_index)
         for target in order:
-            say(f"round {round_index + 1}/{plan.rounds}: {target}")
-            for mode, (load_mode, *options) in modes.items():
-                runs[target][mode].append(await measured(target, mode, load_mode, options))
-        windows: dict[str, list[dict[str, Any]]] = {target: [] for target in names}
-        for index in range(plan.stream_windows):
-            say(f"round {round_index + 1}/{plan.rounds}: streaming, window {index + 1}/{plan.stream_windows}")
-            for target in rotated(order, index):
-                windows[target].append(await measured(target, "stream", stream[0], stream[1:]))
-        for target in names:
-            runs[target]["stream"].append(report.merge_windows(windows[target]))
+            say(f"round {round_index + 1}/{plan.rounds}: latency, {target}")
+            runs[target]["latency"].append(await measured(target, "latency", latency))
+        for mode, options in windowed.items():
+            windows: dict[str, list[dict[str, Any]]] = {target: [] for target in names}
+            for index in range(plan.windows):
+                say(f"round {round_index + 1}/{plan.rounds}: {mode}, window {index + 1}/{plan.windows}")
+                for target in rotated(order, index):
+                    windows[target].append(await measured(target, mode, options))
+            for target in names:
+                runs[target][mode].append(report.merge_windows(windows[target]))
     return runs
 
 

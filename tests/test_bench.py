@@ -427,6 +427,14 @@ def test_stream_windows_merge_into_tokens_over_seconds_with_cpu_summed() -> None
     assert report.merge_windows([fast, {**slow, "cpu": None}])["cpu"] is None
     with pytest.raises(ValueError):
         report.merge_windows([])
+    # throughput windows: requests over seconds
+    through = [
+        {"mode": "throughput", "concurrency": 32, "requests": n, "seconds": 2.0, "errors": 0, "first_error": None}
+        for n in (6000, 10_000)
+    ]
+    merged_through = report.merge_windows(through)
+    assert merged_through["requests_per_s"] == 4000.0 and merged_through["requests"] == 16_000
+    assert merged_through["cpu"] is None and "tokens" not in merged_through
     # a merged round is what the report's medians and CPU figures read
     results = report_results(relay_cpu_s=[2.0] * 3, gateway_cpu_s=[2.0] * 3)
     results["runs"]["gateway"]["stream"] = [merged] * 3
@@ -435,7 +443,9 @@ def test_stream_windows_merge_into_tokens_over_seconds_with_cpu_summed() -> None
     assert results["medians"]["gateway"]["cpu_ms_per_100k_tokens"] == pytest.approx(1.9e3 * 100_000 / 192_000)
 
 
-async def test_rounds_interleave_the_stream_windows_across_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_rounds_interleave_the_throughput_and_stream_windows_across_targets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _servers, _report, run = bench_modules(monkeypatch, "servers", "report", "run")
     calls: list[tuple[str, str]] = []
 
@@ -444,9 +454,12 @@ async def test_rounds_interleave_the_stream_windows_across_targets(monkeypatch: 
             calls.append((url, mode))
             if mode == "latency":
                 return {"p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "errors": 0, "first_error": None}
-            if mode == "throughput":
-                return {"requests": 100, "requests_per_s": 50.0, "errors": 0, "first_error": None}
             duration = float(options[options.index("--duration") + 1])
+            if mode == "throughput":
+                return {
+                    **{"mode": "throughput", "concurrency": 32, "requests": 100, "seconds": duration},
+                    **{"requests_per_s": 100 / duration, "errors": 0, "first_error": None},
+                }
             return {
                 **{"mode": "stream", "concurrency": 32, "streams": 1, "tokens": 64, "seconds": duration},
                 **{"errors": 0, "first_error": None, "tokens_per_s": 64 / duration},
@@ -455,18 +468,24 @@ async def test_rounds_interleave_the_stream_windows_across_targets(monkeypatch: 
 
     targets = {name: SimpleNamespace(url=name, pid=0) for name in ("direct", "relay", "gateway")}
     monkeypatch.setattr(run, "cpu_window", lambda target, targets: None)
-    plan = dataclasses.replace(run.QUICK, rounds=2, stream_windows=4, stream_s=0.4, settle_s=0.0)
+    plan = dataclasses.replace(run.QUICK, rounds=2, windows=4, stream_s=0.4, throughput_s=0.8, settle_s=0.0)
     runs = await run.run_rounds(Recording(), targets, plan)
-    streams = [url for url, mode in calls if mode == "stream"]
-    assert len(streams) == 2 * 4 * 3
-    # round 1 starts at direct, round 2 at relay; within a round each window starts one target further on
     d, r, g = "direct", "relay", "gateway"
-    assert streams[:12] == [d, r, g, r, g, d, g, d, r, d, r, g]
-    assert streams[12:15] == ["relay", "gateway", "direct"]
+    # latency target after target; throughput, then streaming, in windows: round 1 starts at direct, round 2
+    # at relay, and within a round each window starts one target further on
+    assert calls[:3] == [(d, "latency"), (r, "latency"), (g, "latency")]
+    for mode in ("throughput", "stream"):
+        order = [url for url, called in calls if called == mode]
+        assert order[:12] == [d, r, g, r, g, d, g, d, r, d, r, g] and order[12:15] == [r, g, d]
+    assert [mode for _, mode in calls[:27]] == ["latency"] * 3 + ["throughput"] * 12 + ["stream"] * 12
     for name in targets:
+        assert len(runs[name]["latency"]) == 2
         merged = runs[name]["stream"]
         assert len(merged) == 2 and all(len(round_["windows"]) == 4 for round_ in merged)
         assert merged[0]["seconds"] == pytest.approx(0.4) and merged[0]["tokens"] == 4 * 64
+        through = runs[name]["throughput"][0]
+        assert len(through["windows"]) == 4 and through["requests"] == 400
+        assert through["requests_per_s"] == pytest.approx(400 / 0.8)
     assert run.rotated(["a", "b", "c"], 4) == ["b", "c", "a"] and run.rotated([], 3) == []
 
 
