@@ -68,9 +68,15 @@ async def upstream(answer: Answer) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def gateway(
-    upstream_url: str, *, read_timeout_ms: int = 0, max_duration_ms: int = 0
+    upstream_url: str,
+    *,
+    read_timeout_ms: int = 0,
+    max_duration_ms: int = 0,
+    stream: bool = True,
+    returned: list[bool] | None = None,
 ) -> AsyncIterator[tuple[int, list[forwarder.Relay]]]:
-    """An aiohttp server whose one route streams through a `Forwarder` on a `Pool`, as the gateway's does."""
+    """An aiohttp server whose one route streams (or, `stream=False`, relays whole) through a `Forwarder` on a
+    `Pool`, as the gateway's does; with `returned`, whether each response was sent when `relay` returned it."""
     pool = upstream_http.Pool()
     relaying = forwarder.Forwarder(pool, credential_headers=(), upstream_read_timeout_ms=read_timeout_ms)
     relays: list[forwarder.Relay] = []
@@ -78,16 +84,19 @@ async def gateway(
     async def handle(request: web.Request) -> web.StreamResponse:
         relay = forwarder.Relay()
         relays.append(relay)
-        return await relaying.relay(
+        response = await relaying.relay(
             request,
             base_url=upstream_url,
             body=await request.read(),
-            stream=True,
+            stream=stream,
             max_duration_ms=max_duration_ms,
             api_key=None,
             request_id="r-1",
             relay=relay,
         )
+        if returned is not None:
+            returned.append(response.prepared)
+        return response
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handle)
@@ -242,6 +251,32 @@ async def test_the_head_goes_out_at_once_when_the_first_token_is_still_to_come(
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and dechunk(rest) == (event(1), True)
     assert heads_alone == []  # the head went out with the body, not on its own
+
+
+@pytest.mark.parametrize(("status", "sent_before_return"), [(200, True), (503, False)])
+async def test_a_whole_answer_is_sent_before_the_relay_returns_unless_it_is_an_error(
+    status: int, sent_before_return: bool
+) -> None:
+    # a 2xx goes out before the gateway's bookkeeping after the relay (the client's latency); an error is
+    # returned unsent, for a caller that answers otherwise (the mesh tries another peer after a 503)
+    payload = b'{"choices":[],"usage":{"completion_tokens":2}}'
+
+    async def whole(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, len(payload), payload)
+        )
+        await writer.drain()
+
+    returned: list[bool] = []
+    async with upstream(whole) as url, gateway(url, stream=False, returned=returned) as (port, relays):
+        answer = await ask(port)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d" % status) and body == payload and b"X-Request-Id: r-1" in head
+    assert returned == [sent_before_return]
+    (relay,) = relays
+    assert relay.status == status and not relay.client_gone
+    assert (relay.tokens == 2) is (status == 200)
 
 
 async def test_a_client_that_stops_reading_holds_the_upstream_back_and_gets_every_byte_in_order(

@@ -186,7 +186,7 @@ class Forwarder:
             relay.status = upstream.status
             if stream and 200 <= upstream.status < 300:
                 return await self._relay_stream(request, upstream, request_id=request_id, relay=relay)
-            return await self._relay_whole(upstream, request_id=request_id, relay=relay)
+            return await self._relay_whole(request, upstream, request_id=request_id, relay=relay)
         finally:
             upstream.close()  # a finished body was released already; an unfinished one drops the connection
 
@@ -221,7 +221,9 @@ class Forwarder:
                 break
         return upstream
 
-    async def _relay_whole(self, upstream: Upstream, *, request_id: str, relay: Relay) -> web.Response:
+    async def _relay_whole(
+        self, request: web.Request, upstream: Upstream, *, request_id: str, relay: Relay
+    ) -> web.Response:
         try:
             payload = await upstream.read()
         except _UPSTREAM_FAILURES as exc:
@@ -232,6 +234,16 @@ class Forwarder:
             relay.cached_tokens = cached_tokens(payload)
         response = web.Response(status=upstream.status, body=payload, headers=self._client_headers(upstream))
         response.headers["X-Request-Id"] = request_id
+        if 200 <= upstream.status < 300:
+            # sent now, head and body in one write, rather than by aiohttp once the handler has returned:
+            # what the gateway does after the relay (the slot, metrics, the request's log line) is not
+            # waited for. An error is returned unsent: a caller may answer otherwise (the mesh tries
+            # another peer after a peer's 503).
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionResetError:
+                relay.client_gone = True
         return response
 
     async def _relay_stream(
