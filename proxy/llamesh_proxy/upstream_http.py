@@ -124,8 +124,7 @@ class _Protocol(client_proto.ResponseHandler):
         if payload is None or payload is self._seen_payload:
             return
         self._seen_payload = payload
-        if type(payload) is streams.StreamReader:
-            _Body.adopt(payload)
+        if _Body.adopt(payload):
             self._head_pending = False
 
     def _run_after_read(self) -> None:
@@ -192,12 +191,15 @@ class _Body(streams.StreamReader):
     __slots__ = ()
 
     @classmethod
-    def adopt(cls, payload: streams.StreamReader) -> None:
-        """Make aiohttp's reader `payload` one of these (a body that arrived empty, or a decompressing
-        wrapper, is left as it is). Offsets of chunks already marked are dropped: nothing reads by chunk."""
-        if type(payload) is streams.StreamReader:
-            payload.__class__ = cls
-            payload._http_chunk_splits = None
+    def adopt(cls, payload: object) -> bool:
+        """Make aiohttp's reader `payload` one of these; whether it was one (the empty body of a 1xx or
+        a 204, or a decompressing wrapper, is left as it is). Chunk offsets already marked are dropped:
+        nothing reads by chunk."""
+        if type(payload) is not streams.StreamReader:
+            return False
+        payload.__class__ = cls
+        payload._http_chunk_splits = None
+        return True
 
     def begin_http_chunk_receiving(self) -> None:
         pass
@@ -426,7 +428,6 @@ class Pool:
                         message, payload = await protocol.read()
                         if message.code < 100 or message.code > 199 or message.code == 101:
                             break
-                    _Body.adopt(payload)
             except http_exceptions.HttpProcessingError as exc:
                 protocol.close()
                 raise UpstreamResponseError(
