@@ -344,17 +344,15 @@ class _Passthrough:
         self._relayed = relayed
 
     def relay(self) -> bool:
-        """Write what the body has to the client; whether to go on doing so after the next read.
-
-        The read that carried the body's end is left to the task, which writes it with the final chunk."""
+        """Write what the body has to the client; whether to go on doing so after the next read."""
         content, client = self._content, self._client
-        if content.is_eof() or content.exception() is not None or client.is_closing() or client.get_write_buffer_size():
+        if content.exception() is not None or client.is_closing() or client.get_write_buffer_size():
             return False
         data = content.read_nowait()
         if data:
             client.write(b"%x\r\n%b\r\n" % (len(data), data))
             self._relayed.add(data)
-        return True
+        return not content.is_eof()
 
 
 def stream_error_event(failure: str, *, after: bytes) -> bytes:
